@@ -1,0 +1,193 @@
+r"""Scaled dot-product attention: the FlashAttention kernel, its reference, and the dispatcher.
+
+For queries $Q \in \R^{L_q\times D}$, keys $K\in\R^{L_k\times D}$ and values $V\in\R^{L_k\times D}$
+of one (batch, head),
+
+$$O = \mathrm{softmax}\big(c\,QK^\top\big)\,V, \qquad c = 1/\sqrt{D} \text{ by default},$$
+
+with the softmax taken over keys (each row of $c\,QK^\top$). Public functions:
+
+- `attention`: dispatches on the device: CUDA tensors run the Triton kernels of
+  `stepdiff.kernels.attention_triton` (forward and backward, through a
+  ``torch.autograd.Function``); CPU tensors run `attention_reference`, unless the Triton
+  interpreter is asked for with ``backend="triton"`` or ``STEPDIFF_BACKEND=triton``.
+- `attention_reference`: the same computation in plain PyTorch, written for clarity; it
+  materializes the $L_q\times L_k$ matrix, and in float64 it is the ground truth of the tests.
+
+Importing this module does not import Triton.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+
+import torch
+from torch import Tensor
+
+__all__ = ["MAX_HEAD_DIM", "attention", "attention_reference"]
+
+MAX_HEAD_DIM = 256
+_LAYOUTS = ("bhld", "blhd")
+_BACKENDS = ("auto", "triton", "reference")
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _to_bhld(t: Tensor, layout: str) -> Tensor:
+    """A ``[B, H, L, D]`` view of ``t`` (a transpose for ``blhd``: no copy)."""
+    return t if layout == "bhld" else t.transpose(1, 2)
+
+
+def _check(q: Tensor, k: Tensor, v: Tensor, layout: str, scale: float | None) -> float:
+    """Validate the inputs (given in ``layout``); return the softmax scale."""
+    if layout not in _LAYOUTS:
+        raise ValueError(f"layout must be one of {_LAYOUTS}; got {layout!r}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+        if t.ndim != 4:
+            raise ValueError(f"{name} must have 4 dims ([B, H, L, D] for layout 'bhld', "
+                             f"[B, L, H, D] for 'blhd'); got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor; got dtype {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
+    qb, kb, vb = (_to_bhld(t, layout) for t in (q, k, v))
+    B, H, Lq, D = qb.shape
+    if kb.shape[:2] != (B, H) or vb.shape[:2] != (B, H):
+        raise ValueError(f"batch and heads must agree: q has (B, H) = {(B, H)}, "
+                         f"k {tuple(kb.shape[:2])}, v {tuple(vb.shape[:2])} (layout {layout!r})")
+    if kb.shape[3] != D or vb.shape[3] != D:
+        raise ValueError(f"head dims must agree: q has D = {D}, k {kb.shape[3]}, v {vb.shape[3]}")
+    if kb.shape[2] != vb.shape[2]:
+        raise ValueError(f"k and v must have the same length; got {kb.shape[2]} and {vb.shape[2]}")
+    if D > MAX_HEAD_DIM:
+        raise ValueError(f"head dim {D} exceeds the supported maximum {MAX_HEAD_DIM}")
+    if min(B, H, Lq, kb.shape[2], D) < 1:
+        raise ValueError(f"every size must be at least 1; got q {tuple(qb.shape)} and "
+                         f"k {tuple(kb.shape)} as [B, H, L, D]")
+    if scale is None:
+        return 1.0 / math.sqrt(D)
+    scale = float(scale)
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a positive finite number; got {scale}")
+    return scale
+
+
+def attention_reference(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None,
+                        causal: bool = False, layout: str = "bhld") -> Tensor:
+    r"""$O = \mathrm{softmax}(c\,QK^\top + M)\,V$ in plain PyTorch, scores held in memory.
+
+    ``q [B, H, Lq, D]``, ``k, v [B, H, Lk, D]`` for ``layout="bhld"`` (or ``[B, L, H, D]`` each
+    for ``"blhd"``); returns ``o`` in the same layout as ``q``. $M_{ij} = -\infty$ where
+    ``causal`` and $j > i$ (query $i$ sees keys $0..i$, as ``is_causal`` in PyTorch), else 0.
+    Computed in float64 for float64 inputs, otherwise in float32, and returned in the input
+    dtype. Differentiable by autograd.
+    """
+    c = _check(q, k, v, layout, scale)
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qb, kb, vb = (_to_bhld(t, layout).to(compute) for t in (q, k, v))
+    s = c * (qb @ kb.transpose(-1, -2))  # [B, H, Lq, Lk]
+    if causal:
+        Lq, Lk = s.shape[-2:]
+        allowed = torch.ones(Lq, Lk, dtype=torch.bool, device=s.device).tril()
+        s = s.masked_fill(~allowed, float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    o = (p @ vb).to(q.dtype)
+    return o if layout == "bhld" else o.transpose(1, 2)
+
+
+class _FlashAttention(torch.autograd.Function):
+    """Triton forward; Triton backward recomputing P from the saved log-sum-exp."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool) -> Tensor:
+        kernels = _triton_module()
+        o, lse = kernels.attention_forward(q, k, v, scale, causal)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.scale, ctx.causal = scale, causal
+        return o
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, do: Tensor):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = _triton_module().attention_backward(do, q, k, v, o, lse, ctx.scale,
+                                                          ctx.causal)
+        return dq, dk, dv, None, None
+
+
+def _triton_module():
+    """Import the Triton kernels on first use (this is what imports Triton)."""
+    from . import attention_triton
+
+    return attention_triton
+
+
+def _resolve_backend(backend: str | None, q: Tensor) -> str:
+    backend = backend or os.environ.get("STEPDIFF_BACKEND") or "auto"
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS} (or None); got {backend!r}")
+    if backend == "auto":
+        return "triton" if q.is_cuda and q.dtype in _TRITON_DTYPES else "reference"
+    return backend
+
+
+def _prepare_triton(q: Tensor) -> None:
+    """Check that the Triton path can run these tensors, and on a CPU pick the interpreter."""
+    if q.dtype not in _TRITON_DTYPES:
+        raise TypeError(f"the Triton kernels take float16, bfloat16 or float32; got {q.dtype}")
+    if q.is_cuda:
+        return
+    if q.device.type != "cpu":
+        raise ValueError(f"the Triton kernels run on CUDA tensors (or CPU in the interpreter); "
+                         f"got device {q.device}")
+    if q.dtype == torch.bfloat16:
+        raise TypeError("bfloat16 is not supported by Triton's CPU interpreter (its bf16 dot and "
+                        "arithmetic are wrong); use float16/float32 on the CPU, or a GPU")
+    loaded = sys.modules.get(f"{__package__}.attention_triton")
+    if loaded is None:
+        # The interpreter is chosen when the kernels are defined, at import. On a machine
+        # without a GPU it is the only way Triton can run, so choose it here.
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            if torch.cuda.is_available():
+                raise RuntimeError("CPU tensors with backend='triton' need Triton's interpreter:"
+                                   " set TRITON_INTERPRET=1 before stepdiff's kernels are first"
+                                   " used")
+            os.environ["TRITON_INTERPRET"] = "1"
+    elif not loaded.INTERPRET:
+        raise RuntimeError("the Triton kernels were compiled for the GPU (TRITON_INTERPRET was not "
+                           "1 at their first use), so they cannot run CPU tensors; move the "
+                           "tensors to CUDA or use backend='reference'")
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None,
+              causal: bool = False, layout: str = "bhld", backend: str | None = None) -> Tensor:
+    r"""Scaled dot-product attention $O = \mathrm{softmax}(c\,QK^\top)\,V$, differentiable.
+
+    Shapes for ``layout="bhld"`` (the default): ``q [B, H, Lq, D]``, ``k, v [B, H, Lk, D]``,
+    result ``o [B, H, Lq, D]``. For ``layout="blhd"`` every tensor is ``[B, L, H, D]`` (the
+    layout a linear projection produces after ``view(B, L, H, D)``) and so is the result; no
+    copy is made in either case: the kernels read any strides.
+
+    - ``scale``: the $c$ above, default $1/\sqrt{D}$.
+    - ``causal``: query $i$ attends to keys $j \le i$ only (top-left aligned, as PyTorch's
+      ``is_causal``).
+    - ``backend``: ``"auto"`` (default; also read from ``STEPDIFF_BACKEND``): CUDA tensors of
+      dtype float16, bfloat16 or float32 take the Triton kernels, everything else (CPU, float64)
+      the reference. ``"triton"`` forces the kernels (on a CPU: the Triton interpreter, float16
+      and float32 only); ``"reference"`` forces `attention_reference`.
+
+    Any ``Lq, Lk >= 1`` and any head dim ``D <= 256``. The kernels accumulate in float32 and
+    return the input dtype; their backward pass recomputes the attention probabilities from the
+    saved log-sum-exp (no $L_q\times L_k$ matrix in memory) and is deterministic.
+    """
+    c = _check(q, k, v, layout, scale)
+    if _resolve_backend(backend, q) == "reference":
+        return attention_reference(q, k, v, scale=c, causal=causal, layout=layout)
+    _prepare_triton(q)
+    o = _FlashAttention.apply(*(_to_bhld(t, layout) for t in (q, k, v)), c, bool(causal))
+    return o if layout == "bhld" else o.transpose(1, 2)

@@ -1,0 +1,578 @@
+r"""FlashAttention in Triton: the forward pass and a deterministic backward pass.
+
+This module is imported lazily by `stepdiff.kernels.attention`, only when the Triton path
+is taken, because importing it imports Triton. On a CPU-only machine it must be imported with
+``TRITON_INTERPRET=1`` already set (the kernels are then simulated by Triton's interpreter).
+
+The tensors handed to these functions are ``[B, H, L, D]`` *views* with arbitrary strides: the
+``[B, L, H, D]`` layout arrives as a transposed view, and nothing is copied. With
+$S = c\,QK^\top$ ($c$ the softmax scale), $P = \mathrm{softmax}(S)$ row by row and $O = PV$:
+
+- `attention_forward` returns $O$ and the base-2 log-sum-exp of each row of $S$,
+  $\ell_i = \log_2 \sum_j 2^{S_{ij}\log_2 e}$, the one number per row that lets the backward
+  pass recompute $P_{ij} = 2^{S_{ij}\log_2 e - \ell_i}$ without storing $P$;
+- `attention_backward` returns $dQ = c\,dS\,K$, $dK = c\,dS^\top Q$, $dV = P^\top dO$, with
+  $dS = P \circ (dP - \Delta)$, $dP = dO\,V^\top$ and $\Delta_i = \sum_d dO_{id}\,O_{id}$.
+
+Neither pass ever holds an $L_q\times L_k$ matrix: each program keeps one tile of rows in
+registers and streams tiles of the other operand past it. The backward pass is two kernels (one
+owning a tile of keys, one owning a tile of queries) so that every output element is written by
+exactly one program: no atomics, and the result is bitwise reproducible.
+
+Numerics: scores, the running maximum and sum, and every accumulator are fp32. The
+probabilities $P$ and $dS$ are cast to the input dtype before they enter a matrix product, so
+that the products run on fp16/bf16 tensor cores; fp32 inputs use true fp32 products
+(``input_precision="ieee"``), not TF32.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+__all__ = ["BWD_CONFIGS", "FWD_CONFIGS", "INTERPRET", "attention_backward", "attention_forward"]
+
+# Whether this module's kernels were built for Triton's interpreter: `triton.jit` decides at
+# decoration time, that is when this module is imported.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * log2(e)); exp2 is the native instruction
+
+
+# --------------------------------------------------------------------------------------------
+# Forward
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_rows(ptrs, offs_l, L, offs_d, HEAD_DIM: tl.constexpr, MASK_L: tl.constexpr,
+               EVEN_D: tl.constexpr):
+    """Load a [rows, BLOCK_D] tile; padded rows (>= L) and padded head-dim columns read 0."""
+    if MASK_L:
+        if EVEN_D:
+            x = tl.load(ptrs, mask=offs_l[:, None] < L, other=0.0)
+        else:
+            x = tl.load(ptrs, mask=(offs_l[:, None] < L) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    else:
+        if EVEN_D:
+            x = tl.load(ptrs)
+        else:
+            x = tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+    return x
+
+
+@triton.jit
+def _attn_fwd_inner(acc, m_i, l_i, q, K, V, stride_kl, stride_kd, stride_vl, stride_vd,
+                    offs_m, offs_d, lo, hi, Lk, qk_scale,
+                    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr,
+                    MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+    """Stream key/value tiles ``[lo, hi)`` past one query tile, updating the online softmax.
+
+    ``acc`` holds $\\sum_j 2^{s_{ij} - m_i} v_j$ (unnormalized), ``m_i`` the running maximum of
+    the base-2 scores $s_{ij} = c\\log_2(e)\\,q_i\\cdot k_j$, ``l_i`` the running sum
+    $\\sum_j 2^{s_{ij} - m_i}$. ``MASKED`` tiles may hold keys past ``Lk`` or, when causal, keys
+    after the query; their scores are set to $-\\infty$. Unmasked tiles skip that work.
+    """
+    offs_n0 = tl.arange(0, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        # K is read transposed, as a [BLOCK_D, BLOCK_N] tile, so that q @ k is a plain dot.
+        k_ptrs = K + offs_n[None, :] * stride_kl + offs_d[:, None] * stride_kd
+        if MASKED:
+            if EVEN_D:
+                k = tl.load(k_ptrs, mask=offs_n[None, :] < Lk, other=0.0)
+            else:
+                k = tl.load(k_ptrs, mask=(offs_n[None, :] < Lk) & (offs_d[:, None] < HEAD_DIM),
+                            other=0.0)
+        else:
+            if EVEN_D:
+                k = tl.load(k_ptrs)
+            else:
+                k = tl.load(k_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
+        s = tl.dot(q, k, input_precision=PRECISION)  # [BLOCK_M, BLOCK_N], fp32
+        if MASKED:
+            keep = offs_n[None, :] < Lk
+            if IS_CAUSAL:
+                keep = keep & (offs_n[None, :] <= offs_m[:, None])
+            s = tl.where(keep, s, float("-inf"))
+        # The online softmax. The new maximum is never -inf: the first tile every program sees
+        # holds key 0, which every query may attend to, so exp2(-inf - (-inf)) cannot occur.
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        alpha = tl.math.exp2(m_i - m_new)  # rescales what was summed under the old maximum
+        p = tl.math.exp2(s * qk_scale - m_new[:, None])  # one FMA + exp2 per score
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        v_ptrs = V + offs_n[:, None] * stride_vl + offs_d[None, :] * stride_vd
+        v = _load_rows(v_ptrs, offs_n, Lk, offs_d, HEAD_DIM, MASKED, EVEN_D)
+        # P is rounded to the input dtype (fp16/bf16) so the product runs on tensor cores.
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _attn_fwd(Q, K, V, O, LSE,
+              stride_qb, stride_qh, stride_ql, stride_qd,
+              stride_kb, stride_kh, stride_kl, stride_kd,
+              stride_vb, stride_vh, stride_vl, stride_vd,
+              stride_ob, stride_oh, stride_ol, stride_od,
+              stride_lb, stride_lh,
+              Lq, Lk, qk_scale, LQ_BUCKET, LK_BUCKET,
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr,
+              PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One program: one tile of ``BLOCK_M`` queries of one (batch, head); grid
+    ``(cdiv(Lq, BLOCK_M), H, B)``. Writes ``O`` for those rows and their base-2 log-sum-exp.
+
+    (``LQ_BUCKET`` and ``LK_BUCKET`` are unused by the body: they are the autotuner's key.)
+    """
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+    start_m = tl.program_id(0) * BLOCK_M
+    off_h = tl.program_id(1).to(tl.int64)
+    off_b = tl.program_id(2).to(tl.int64)
+    Q += off_b * stride_qb + off_h * stride_qh
+    K += off_b * stride_kb + off_h * stride_kh
+    V += off_b * stride_vb + off_h * stride_vh
+    O += off_b * stride_ob + off_h * stride_oh
+    LSE += off_b * stride_lb + off_h * stride_lh
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)  # the head dim padded to a power of two, masked to HEAD_DIM
+    # The query tile stays in registers for the whole loop; padded rows read 0 and are never
+    # stored, and padded head-dim columns read 0 so they add nothing to q . k.
+    q = _load_rows(Q + offs_m[:, None] * stride_ql + offs_d[None, :] * stride_qd,
+                   offs_m, Lq, offs_d, HEAD_DIM, True, EVEN_D)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    # Split the key range into tiles that need no mask (every key exists and, when causal,
+    # precedes every query of the tile) and the few that do: the tail tile past Lk // BLOCK_N,
+    # and the tiles crossing the causal diagonal.
+    if IS_CAUSAL:
+        hi = tl.minimum(Lk, start_m + BLOCK_M)  # keys after the tile's last query are all masked
+        mid = tl.minimum((Lk // BLOCK_N) * BLOCK_N, (start_m // BLOCK_N) * BLOCK_N)
+    else:
+        hi = Lk
+        mid = (Lk // BLOCK_N) * BLOCK_N
+    acc, m_i, l_i = _attn_fwd_inner(acc, m_i, l_i, q, K, V, stride_kl, stride_kd,
+                                    stride_vl, stride_vd, offs_m, offs_d, 0, mid, Lk, qk_scale,
+                                    HEAD_DIM, BLOCK_N, EVEN_D, False, IS_CAUSAL, PRECISION)
+    acc, m_i, l_i = _attn_fwd_inner(acc, m_i, l_i, q, K, V, stride_kl, stride_kd,
+                                    stride_vl, stride_vd, offs_m, offs_d, mid, hi, Lk, qk_scale,
+                                    HEAD_DIM, BLOCK_N, EVEN_D, True, IS_CAUSAL, PRECISION)
+
+    # Epilogue: normalize once, at the end, instead of once per tile.
+    o = acc / l_i[:, None]
+    lse = m_i + tl.math.log2(l_i)
+    row_ok = offs_m < Lq
+    tl.store(LSE + offs_m, lse, mask=row_ok)
+    o_ptrs = O + offs_m[:, None] * stride_ol + offs_d[None, :] * stride_od
+    if EVEN_D:
+        tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=row_ok[:, None])
+    else:
+        tl.store(o_ptrs, o.to(O.dtype.element_ty),
+                 mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+
+
+# --------------------------------------------------------------------------------------------
+# Backward
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _attn_bwd_delta(O, DO, DELTA,
+                    stride_ob, stride_oh, stride_ol, stride_od,
+                    stride_dob, stride_doh, stride_dol, stride_dod,
+                    stride_db, stride_dh, Lq,
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    r"""$\Delta_i = \sum_d dO_{id} O_{id}$ (which equals $\sum_j P_{ij} dP_{ij}$), fp32,
+    for one tile of rows; grid ``(cdiv(Lq, BLOCK_M), H, B)``."""
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+    off_h = tl.program_id(1).to(tl.int64)
+    off_b = tl.program_id(2).to(tl.int64)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    O += off_b * stride_ob + off_h * stride_oh
+    DO += off_b * stride_dob + off_h * stride_doh
+    o = _load_rows(O + offs_m[:, None] * stride_ol + offs_d[None, :] * stride_od,
+                   offs_m, Lq, offs_d, HEAD_DIM, True, EVEN_D)
+    do = _load_rows(DO + offs_m[:, None] * stride_dol + offs_d[None, :] * stride_dod,
+                    offs_m, Lq, offs_d, HEAD_DIM, True, EVEN_D)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + off_b * stride_db + off_h * stride_dh + offs_m, delta, mask=offs_m < Lq)
+
+
+@triton.jit
+def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA,
+                         stride_ql, stride_qd, stride_dol, stride_dod,
+                         offs_n, offs_d, lo, hi, Lq, qk_scale,
+                         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, EVEN_D: tl.constexpr,
+                         MASK_ROWS: tl.constexpr, CAUSAL_TILE: tl.constexpr,
+                         PRECISION: tl.constexpr):
+    """Stream query tiles ``[lo, hi)`` past one key tile, accumulating its dK and dV.
+
+    Everything is computed transposed (keys along rows) so that the key tile's gradients are
+    plain row sums of products: $dV_j = \\sum_i P_{ij}\\,dO_i$, $dK_j \\propto \\sum_i dS_{ij} Q_i$.
+    """
+    offs_m0 = tl.arange(0, BLOCK_M)
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + offs_m0
+        q = _load_rows(Q + offs_m[:, None] * stride_ql + offs_d[None, :] * stride_qd,
+                       offs_m, Lq, offs_d, HEAD_DIM, MASK_ROWS, EVEN_D)
+        do = _load_rows(DO + offs_m[:, None] * stride_dol + offs_d[None, :] * stride_dod,
+                        offs_m, Lq, offs_d, HEAD_DIM, MASK_ROWS, EVEN_D)
+        if MASK_ROWS:
+            # A padded query row gets lse = +inf, hence P = 0: it adds nothing to dK or dV.
+            lse = tl.load(LSE + offs_m, mask=offs_m < Lq, other=float("inf"))
+            delta = tl.load(DELTA + offs_m, mask=offs_m < Lq, other=0.0)
+        else:
+            lse = tl.load(LSE + offs_m)
+            delta = tl.load(DELTA + offs_m)
+        # Recompute P^T from the saved log-sum-exp: no L x L matrix was ever stored.
+        s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)  # [BLOCK_N, BLOCK_M]
+        p_t = tl.math.exp2(s_t * qk_scale - lse[None, :])
+        if CAUSAL_TILE:
+            p_t = tl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # (dO V^T)^T
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
+                   stride_qb, stride_qh, stride_ql, stride_qd,
+                   stride_kb, stride_kh, stride_kl, stride_kd,
+                   stride_vb, stride_vh, stride_vl, stride_vd,
+                   stride_dob, stride_doh, stride_dol, stride_dod,
+                   stride_dkb, stride_dkh, stride_dkl, stride_dkd,
+                   stride_dvb, stride_dvh, stride_dvl, stride_dvd,
+                   stride_lb, stride_lh,
+                   Lq, Lk, scale, qk_scale, LQ_BUCKET, LK_BUCKET,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                   PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One program owns ``BLOCK_N`` keys of one (batch, head) and writes their dK and dV;
+    grid ``(cdiv(Lk, BLOCK_N), H, B)``. It reads every query tile that attends to its keys."""
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+    start_n = tl.program_id(0) * BLOCK_N
+    off_h = tl.program_id(1).to(tl.int64)
+    off_b = tl.program_id(2).to(tl.int64)
+    Q += off_b * stride_qb + off_h * stride_qh
+    K += off_b * stride_kb + off_h * stride_kh
+    V += off_b * stride_vb + off_h * stride_vh
+    DO += off_b * stride_dob + off_h * stride_doh
+    DK += off_b * stride_dkb + off_h * stride_dkh
+    DV += off_b * stride_dvb + off_h * stride_dvh
+    LSE += off_b * stride_lb + off_h * stride_lh
+    DELTA += off_b * stride_lb + off_h * stride_lh
+
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    # Padded keys (>= Lk) read 0; their gradients are computed but never stored.
+    k = _load_rows(K + offs_n[:, None] * stride_kl + offs_d[None, :] * stride_kd,
+                   offs_n, Lk, offs_d, HEAD_DIM, True, EVEN_D)
+    v = _load_rows(V + offs_n[:, None] * stride_vl + offs_d[None, :] * stride_vd,
+                   offs_n, Lk, offs_d, HEAD_DIM, True, EVEN_D)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    # Query tiles in three runs: those crossing the causal diagonal (masked), the full tiles
+    # (no mask at all: the hot loop), and the tail tile past Lq // BLOCK_M (rows masked).
+    full = (Lq // BLOCK_M) * BLOCK_M
+    if IS_CAUSAL:
+        lo = (start_n // BLOCK_M) * BLOCK_M  # query i attends key j only when i >= j
+        mid = tl.minimum(tl.cdiv(start_n + BLOCK_N, BLOCK_M) * BLOCK_M,
+                         tl.cdiv(Lq, BLOCK_M) * BLOCK_M)
+        mid = tl.maximum(mid, lo)
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_ql, stride_qd,
+                                      stride_dol, stride_dod, offs_n, offs_d, lo, mid, Lq,
+                                      qk_scale, HEAD_DIM, BLOCK_M, EVEN_D, True, True, PRECISION)
+        tail = tl.maximum(mid, full)
+    else:
+        mid = 0
+        tail = full
+    dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_ql, stride_qd,
+                                  stride_dol, stride_dod, offs_n, offs_d, mid, full, Lq,
+                                  qk_scale, HEAD_DIM, BLOCK_M, EVEN_D, False, False, PRECISION)
+    dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_ql, stride_qd,
+                                  stride_dol, stride_dod, offs_n, offs_d, tail, Lq, Lq,
+                                  qk_scale, HEAD_DIM, BLOCK_M, EVEN_D, True, False, PRECISION)
+
+    dk = dk * scale  # S = scale * Q K^T, so dK = scale * dS^T Q
+    rows = offs_n[:, None] < Lk
+    if not EVEN_D:
+        rows = rows & (offs_d[None, :] < HEAD_DIM)
+    tl.store(DK + offs_n[:, None] * stride_dkl + offs_d[None, :] * stride_dkd,
+             dk.to(DK.dtype.element_ty), mask=rows)
+    tl.store(DV + offs_n[:, None] * stride_dvl + offs_d[None, :] * stride_dvd,
+             dv.to(DV.dtype.element_ty), mask=rows)
+
+
+@triton.jit
+def _attn_bwd_dq_inner(dq, q, do, lse, delta, K, V, stride_kl, stride_kd, stride_vl, stride_vd,
+                       offs_m, offs_d, lo, hi, Lk, qk_scale,
+                       HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr,
+                       MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+    """Stream key/value tiles ``[lo, hi)`` past one query tile, accumulating $dS\\,K$."""
+    offs_n0 = tl.arange(0, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        k = _load_rows(K + offs_n[:, None] * stride_kl + offs_d[None, :] * stride_kd,
+                       offs_n, Lk, offs_d, HEAD_DIM, MASKED, EVEN_D)
+        v = _load_rows(V + offs_n[:, None] * stride_vl + offs_d[None, :] * stride_vd,
+                       offs_n, Lk, offs_d, HEAD_DIM, MASKED, EVEN_D)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        p = tl.math.exp2(s * qk_scale - lse[:, None])
+        if MASKED:
+            keep = offs_n[None, :] < Lk
+            if IS_CAUSAL:
+                keep = keep & (offs_n[None, :] <= offs_m[:, None])
+            p = tl.where(keep, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
+                 stride_qb, stride_qh, stride_ql, stride_qd,
+                 stride_kb, stride_kh, stride_kl, stride_kd,
+                 stride_vb, stride_vh, stride_vl, stride_vd,
+                 stride_dob, stride_doh, stride_dol, stride_dod,
+                 stride_dqb, stride_dqh, stride_dql, stride_dqd,
+                 stride_lb, stride_lh,
+                 Lq, Lk, scale, qk_scale, LQ_BUCKET, LK_BUCKET,
+                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                 PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One program owns ``BLOCK_M`` queries of one (batch, head) and writes their dQ;
+    grid ``(cdiv(Lq, BLOCK_M), H, B)``. The key loop mirrors the forward's."""
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+    start_m = tl.program_id(0) * BLOCK_M
+    off_h = tl.program_id(1).to(tl.int64)
+    off_b = tl.program_id(2).to(tl.int64)
+    Q += off_b * stride_qb + off_h * stride_qh
+    K += off_b * stride_kb + off_h * stride_kh
+    V += off_b * stride_vb + off_h * stride_vh
+    DO += off_b * stride_dob + off_h * stride_doh
+    DQ += off_b * stride_dqb + off_h * stride_dqh
+    LSE += off_b * stride_lb + off_h * stride_lh
+    DELTA += off_b * stride_lb + off_h * stride_lh
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_rows(Q + offs_m[:, None] * stride_ql + offs_d[None, :] * stride_qd,
+                   offs_m, Lq, offs_d, HEAD_DIM, True, EVEN_D)
+    do = _load_rows(DO + offs_m[:, None] * stride_dol + offs_d[None, :] * stride_dod,
+                    offs_m, Lq, offs_d, HEAD_DIM, True, EVEN_D)
+    row_ok = offs_m < Lq
+    lse = tl.load(LSE + offs_m, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + offs_m, mask=row_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    if IS_CAUSAL:
+        hi = tl.minimum(Lk, start_m + BLOCK_M)
+        mid = tl.minimum((Lk // BLOCK_N) * BLOCK_N, (start_m // BLOCK_N) * BLOCK_N)
+    else:
+        hi = Lk
+        mid = (Lk // BLOCK_N) * BLOCK_N
+    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, K, V, stride_kl, stride_kd, stride_vl,
+                            stride_vd, offs_m, offs_d, 0, mid, Lk, qk_scale, HEAD_DIM, BLOCK_N,
+                            EVEN_D, False, IS_CAUSAL, PRECISION)
+    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, K, V, stride_kl, stride_kd, stride_vl,
+                            stride_vd, offs_m, offs_d, mid, hi, Lk, qk_scale, HEAD_DIM, BLOCK_N,
+                            EVEN_D, True, IS_CAUSAL, PRECISION)
+
+    dq = dq * scale  # S = scale * Q K^T, so dQ = scale * dS K
+    mask = row_ok[:, None]
+    if not EVEN_D:
+        mask = mask & (offs_d[None, :] < HEAD_DIM)
+    tl.store(DQ + offs_m[:, None] * stride_dql + offs_d[None, :] * stride_dqd,
+             dq.to(DQ.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Launch configurations
+# --------------------------------------------------------------------------------------------
+#
+# In the interpreter there is one fixed configuration (autotuning needs a GPU to time with).
+# Small tiles there keep each simulated step cheap and make even short test sequences span
+# several tiles, so the online-softmax rescaling and the tail masks are exercised.
+#
+# On a GPU the autotuner times a per-head-dim subset of the lists below once per (head dim,
+# dtype, causal, length bucket). The ranges follow what was measured for the Triton tutorial's
+# kernels on an H100: 128-row query tiles for the forward; for the backward at head dim 128,
+# 128-key tiles with 64-query steps and 8 warps (about 4x the tutorial's fixed 4-warp setting).
+
+_INTERP_FWD = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+_INTERP_DKDV = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+_INTERP_DQ = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+_DELTA_BLOCK_M = 64
+
+FWD_CONFIGS = [
+    {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": s}
+    for bm in (64, 128) for bn in (32, 64, 128) for w in (4, 8) for s in (2, 3, 4)
+]
+# dK/dV kernel: BLOCK_N keys held, BLOCK_M queries per step. dQ kernel: BLOCK_M queries held,
+# BLOCK_N keys per step. The held tile is the larger one.
+BWD_CONFIGS = {
+    "dkdv": [
+        {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": s}
+        for bm, bn in ((32, 64), (64, 64), (32, 128), (64, 128)) for w in (4, 8) for s in (2, 3, 5)
+    ],
+    "dq": [
+        {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": s}
+        for bm, bn in ((64, 32), (64, 64), (128, 32), (128, 64)) for w in (4, 8) for s in (2, 3, 5)
+    ],
+}
+
+
+def _shared_bytes(cfg: dict, block_d: int, itemsize: int, held: str) -> int:
+    """Rough shared-memory need: the held tile once, the streamed K and V (or Q and dO) tiles
+    once per pipeline stage."""
+    held_rows = cfg[held]
+    streamed = cfg["BLOCK_N" if held == "BLOCK_M" else "BLOCK_M"]
+    return (held_rows + 2 * cfg["num_stages"] * streamed) * block_d * itemsize
+
+
+def _keep(cfg: dict, block_d: int, itemsize: int, held: str) -> bool:
+    """Prune configurations that cannot fit or make no sense for this head dim."""
+    if _shared_bytes(cfg, block_d, itemsize, held) > 200 * 1024:
+        return False
+    held_rows = cfg[held]
+    if block_d >= 256 and held_rows * block_d > 128 * 256:
+        return False  # a 128 x 256 accumulator already fills the register file
+    # Eight warps only pay on big tiles (one 16-row MMA slab per warp at least).
+    if cfg["num_warps"] == 8 and cfg["BLOCK_M"] * cfg["BLOCK_N"] < 64 * 128:
+        return False
+    return True
+
+
+def _prune(held: str):
+    def prune(configs, named_args, **kwargs):
+        block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+        itemsize = named_args["Q"].element_size()
+        kept = [c for c in configs if _keep({**c.kwargs, "num_warps": c.num_warps,
+                                             "num_stages": c.num_stages}, block_d, itemsize, held)]
+        return kept or configs[:1]
+
+    return prune
+
+
+def _to_triton(cfgs: list[dict]) -> list:
+    return [
+        triton.Config({"BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"]},
+                      num_warps=c["num_warps"], num_stages=c["num_stages"])
+        for c in cfgs
+    ]
+
+
+_KEY = ["LQ_BUCKET", "LK_BUCKET", "HEAD_DIM", "IS_CAUSAL", "PRECISION"]
+
+
+@functools.cache
+def _tuned(which: str):
+    """The autotuned launcher of one kernel (built on first use, GPU only)."""
+    kernel, cfgs, held = {
+        "fwd": (_attn_fwd, FWD_CONFIGS, "BLOCK_M"),
+        "dkdv": (_attn_bwd_dkdv, BWD_CONFIGS["dkdv"], "BLOCK_N"),
+        "dq": (_attn_bwd_dq, BWD_CONFIGS["dq"], "BLOCK_M"),
+    }[which]
+    return triton.autotune(configs=_to_triton(cfgs), key=_KEY,
+                           prune_configs_by={"early_config_prune": _prune(held)})(kernel)
+
+
+def _launch(which: str, grid_rows: int, B: int, H: int, args: tuple, meta: dict,
+            config: dict | None) -> None:
+    """Launch one kernel with a fixed config (interpreter, or ``config`` given), or autotuned."""
+    jit = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}[which]
+    held = "BLOCK_N" if which == "dkdv" else "BLOCK_M"
+    if config is None and INTERPRET:
+        config = {"fwd": _INTERP_FWD, "dkdv": _INTERP_DKDV, "dq": _INTERP_DQ}[which]
+    if config is not None:
+        cfg = dict(config)
+        grid = (triton.cdiv(grid_rows, cfg[held]), H, B)
+        jit[grid](*args, **meta, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    else:
+        grid = lambda m: (triton.cdiv(grid_rows, m[held]), H, B)
+        _tuned(which)[grid](*args, **meta)
+
+
+# --------------------------------------------------------------------------------------------
+# Host wrappers
+# --------------------------------------------------------------------------------------------
+
+
+def _bucket(n: int) -> int:
+    """Autotuning key for a length: the next power of two (at least 16)."""
+    return max(16, triton.next_power_of_2(n))
+
+
+def _meta(q: Tensor, causal: bool) -> dict:
+    D = q.shape[-1]
+    return {
+        "HEAD_DIM": D,
+        # tl.arange needs a power of two and tl.dot needs at least 16 along the reduction.
+        "BLOCK_D": max(16, triton.next_power_of_2(D)),
+        "IS_CAUSAL": bool(causal),
+        # Exact fp32 products for fp32 inputs (a GPU would otherwise use TF32); fp16/bf16
+        # products are exact on tensor cores and take the default.
+        "PRECISION": "ieee" if q.dtype == torch.float32 else None,
+    }
+
+
+def attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool = False,
+                      config: dict | None = None) -> tuple[Tensor, Tensor]:
+    r"""$O = \mathrm{softmax}(c\,QK^\top)V$ and the base-2 log-sum-exp of each row.
+
+    ``q [B, H, Lq, D]``, ``k, v [B, H, Lk, D]`` (any strides) give ``o`` shaped and strided like
+    ``q`` and ``lse [B, H, Lq]`` (fp32, contiguous) with
+    ``lse * ln 2 = logsumexp(scale * q @ k^T, -1)``. Inputs are assumed checked by the caller.
+    ``config`` fixes ``BLOCK_M``, ``BLOCK_N``, ``num_warps``, ``num_stages`` (tests use it to
+    check that the result does not depend on the tiling); otherwise the GPU autotunes.
+    """
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    o = torch.empty_like(q)
+    lse = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)
+    args = (q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+            lse.stride(0), lse.stride(1), Lq, Lk, scale * LOG2E, _bucket(Lq), _bucket(Lk))
+    _launch("fwd", Lq, B, H, args, _meta(q, causal), config)
+    return o, lse
+
+
+def attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
+                       scale: float, causal: bool = False,
+                       configs: tuple[dict | None, dict | None] = (None, None),
+                       ) -> tuple[Tensor, Tensor, Tensor]:
+    r"""$dQ, dK, dV$ of $O = \mathrm{softmax}(c\,QK^\top)V$ given $dO$; $P$ is recomputed.
+
+    Three launches: $\Delta = \mathrm{rowsum}(dO\circ O)$; then one program per key tile for
+    $dK, dV$; then one program per query tile for $dQ$. ``configs`` = (dK/dV config, dQ config),
+    each as in `attention_forward`.
+    """
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    meta = _meta(q, causal)
+    delta = torch.empty_like(lse)
+    _attn_bwd_delta[(triton.cdiv(Lq, _DELTA_BLOCK_M), H, B)](
+        o, do, delta, *o.stride(), *do.stride(), delta.stride(0), delta.stride(1), Lq,
+        HEAD_DIM=D, BLOCK_D=meta["BLOCK_D"], BLOCK_M=_DELTA_BLOCK_M)
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    common = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
+    tail = (lse.stride(0), lse.stride(1), Lq, Lk, scale, scale * LOG2E, _bucket(Lq), _bucket(Lk))
+    _launch("dkdv", Lk, B, H, (q, k, v, do, lse, delta, dk, dv, *common, *dk.stride(),
+                               *dv.stride(), *tail), meta, configs[0])
+    _launch("dq", Lq, B, H, (q, k, v, do, lse, delta, dq, *common, *dq.stride(), *tail),
+            meta, configs[1])
+    return dq, dk, dv
