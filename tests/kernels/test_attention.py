@@ -1,0 +1,298 @@
+r"""The flash-attention kernels against PyTorch's SDPA in float64 (interpreter on a CPU).
+
+Error bound. For one (batch, head) let $P$ be the exact probabilities, $c$ the scale, $u$ the
+unit roundoff of the input dtype and $u_{32} = 2^{-24}$. The kernel rounds $P$ (and $dS$) to the
+input dtype before each product and rounds each result to it, which costs about $u$ relative to
+the *magnitudes* summed; its scores are fp32 sums, whose rounding $\lesssim u_{32}\,c|Q||K|^\top$
+the softmax turns into relative errors of $P$. With $A = |P|\circ(1 + (u_{32}/u)\,c|Q||K|^\top)$,
+
+- $\|\delta O\| \le C u\,\| A|V| \|$, $\|\delta dV\| \le C u\,\|A^\top |dO|\|$,
+- $\|\delta dQ\| \le C u\,c\|G|K|\|$, $\|\delta dK\| \le C u\,c\|G^\top|Q|\|$, with
+  $G = A\circ(|dP| + |\Delta|) + |P|\circ(|dO||V|^\top)$,
+
+norms over all elements. Measured, the kernel stays below $0.6\,u$ times these magnitudes, and so
+does SDPA itself run in the same dtype; every test below also checks that SDPA in the input
+dtype meets the bound, so the bound is what the dtype allows and not a number fit to the kernel.
+$C = 2$. Unlike a relative error, this stays meaningful where a gradient cancels to (near) zero:
+$L_k = 1$ (where $dQ = dK = 0$ exactly) or a dominant key ($P$ nearly one-hot).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from stepdiff.kernels import attention
+from stepdiff.kernels.attention import attention_reference
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+U = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+C = 2.0
+
+
+def _inputs(B, H, Lq, Lk, D, dtype, seed=0, magnitude=1.0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, Lq, D, generator=g) * magnitude
+    k = torch.randn(B, H, Lk, D, generator=g) * magnitude
+    v = torch.randn(B, H, Lk, D, generator=g)
+    do = torch.randn(B, H, Lq, D, generator=g)
+    return [t.to(device=DEVICE, dtype=dtype) for t in (q, k, v, do)]
+
+
+def _run(fn, q, k, v, do):
+    """``[o, dq, dk, dv]`` of ``o = fn(q, k, v)`` with upstream gradient ``do``."""
+    xs = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    o = fn(*xs)
+    o.backward(do.to(o.dtype))
+    return [o.detach()] + [x.grad for x in xs]
+
+
+def _sdpa(causal):
+    return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+
+def _magnitudes(q, k, v, do, causal, u):
+    """The four norms $\\|A|V|\\|$, $c\\|G|K|\\|$, $c\\|G^\\top|Q|\\|$, $\\|A^\\top|dO|\\|$."""
+    q, k, v, do = (t.double() for t in (q, k, v, do))
+    c = 1.0 / math.sqrt(q.shape[-1])
+    s = c * q @ k.transpose(-1, -2)
+    if causal:
+        s = s.masked_fill(~torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).tril(),
+                          -math.inf)
+    p = torch.softmax(s, -1)
+    dp = do @ v.transpose(-1, -2)
+    delta = (do * (p @ v)).sum(-1, keepdim=True)
+    aq, ak, av, ado = (t.abs() for t in (q, k, v, do))
+    a = p * (1 + (2.0**-24 / u) * c * (aq @ ak.transpose(-1, -2)))
+    g = a * (dp.abs() + delta.abs()) + p * (ado @ av.transpose(-1, -2))
+    return [(a @ av).norm(), c * (g @ ak).norm(), c * (g.transpose(-1, -2) @ aq).norm(),
+            (a.transpose(-1, -2) @ ado).norm()]
+
+
+def check_against_float64(q, k, v, do, causal=False, fn=None):
+    """Assert the kernel's output and gradients meet the bound of the module docstring."""
+    u = U[q.dtype]
+    fn = fn or (lambda a, b, c: attention(a, b, c, causal=causal, backend="triton"))
+    exact = _run(_sdpa(causal), *(t.double() for t in (q, k, v, do)))
+    same_dtype = _run(_sdpa(causal), q, k, v, do)
+    got = _run(fn, q, k, v, do)
+    bounds = [C * u * m for m in _magnitudes(q, k, v, do, causal, u)]
+    names = ("o", "dq", "dk", "dv")
+    for name, x, r, e, b in zip(names, got, same_dtype, exact, bounds, strict=True):
+        assert x.dtype == q.dtype and x.shape == e.shape, name
+        assert torch.isfinite(x).all(), name
+        ref_err = (r.double() - e).norm().item()
+        assert ref_err <= b, f"bound too tight for {name}: SDPA errs {ref_err:.3g} > {b:.3g}"
+        err = (x.double() - e).norm().item()
+        assert err <= b, f"{name}: error {err:.3g} > bound {b:.3g} (SDPA: {ref_err:.3g})"
+    return got
+
+
+# Representative cases rather than the full product: odd lengths 1, 7, 77, 130; head dims 16,
+# 40 (SD 1.x), 64, 72 (DiT); Lq != Lk both ways (77 text tokens); causal with both orders.
+CASES = [
+    # B, H, Lq, Lk, D, causal
+    (1, 2, 77, 130, 40, False),
+    (2, 2, 130, 77, 72, False),
+    (1, 1, 1, 7, 16, False),
+    (2, 1, 7, 1, 64, False),
+    (1, 2, 130, 130, 64, True),
+    (1, 1, 77, 130, 16, True),
+    (1, 1, 130, 7, 40, True),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", CASES,
+                         ids=lambda c: "B{}H{}q{}k{}d{}{}".format(*c[:5], "c" * c[5]))
+def test_matches_float64_sdpa(case, dtype):
+    B, H, Lq, Lk, D, causal = case
+    q, k, v, do = _inputs(B, H, Lq, Lk, D, dtype, seed=Lq * 1000 + Lk + D)
+    check_against_float64(q, k, v, do, causal)
+
+
+def test_zero_gradients_for_a_single_key():
+    """With Lk = 1 every probability is exactly 1: O = v exactly, and dQ = dK = 0 up to rounding
+    (dS = P(dP - Delta) subtracts two fp32 sums of the same products taken in different orders)."""
+    q, k, v, do = _inputs(1, 2, 7, 1, 40, torch.float32, seed=5)
+    o, dq, dk, dv = _run(lambda a, b, c: attention(a, b, c, backend="triton"), q, k, v, do)
+    torch.testing.assert_close(o, v.expand_as(o), rtol=0, atol=0)
+    rounding = 40 * 2.0**-24 * (do.abs() * v.abs()).sum(-1).max() * k.abs().max()
+    assert dq.abs().max() <= rounding and dk.abs().max() <= 7 * rounding
+    torch.testing.assert_close(dv, do.sum(2, keepdim=True), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_large_scores_do_not_overflow(dtype):
+    """Scores in the thousands: exp would overflow without the running maximum."""
+    q, k, v, do = _inputs(1, 2, 100, 90, 64, dtype, seed=7, magnitude=30.0)
+    s = (q.double() @ k.double().transpose(-1, -2)) / 8
+    assert s.abs().max() > 1000  # e^1000 overflows even float64
+    check_against_float64(q, k, v, do)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_one_key_dominates(dtype):
+    """Every query aligned with one key (P nearly one-hot): O is that key's value row."""
+    g = torch.Generator().manual_seed(11)
+    B, H, Lq, Lk, D = 1, 2, 90, 100, 64
+    q = torch.randn(B, H, Lq, D, generator=g)
+    q = q.abs() * torch.randn(B, H, 1, D, generator=g).sign()  # one sign pattern per head
+    k = torch.randn(B, H, Lk, D, generator=g)
+    k[:, :, 61] = 4 * q[:, :, 0].sign()  # key 61 dominates every row by a wide margin
+    v = torch.randn(B, H, Lk, D, generator=g)
+    do = torch.randn(B, H, Lq, D, generator=g)
+    q, k, v, do = (t.to(DEVICE, dtype) for t in (q, k, v, do))
+    p = torch.softmax(q.double() @ k.double().transpose(-1, -2) / 8, -1)
+    assert p[..., 61].min() > 0.999
+    o = check_against_float64(q, k, v, do)[0]
+    torch.testing.assert_close(o.double(), v[:, :, 61:62].double().expand_as(o), rtol=0, atol=0.01)
+
+
+def test_log_sum_exp_is_saved_exactly():
+    """The forward saves lse2 = log2 sum_j exp(s_ij), which the backward relies on."""
+    from stepdiff.kernels import attention_triton as kernels
+
+    q, k, v, _ = _inputs(2, 2, 77, 130, 72, torch.float32, seed=3)
+    o, lse2 = kernels.attention_forward(q, k, v, 0.3, causal=True)
+    s = 0.3 * q.double() @ k.double().transpose(-1, -2)
+    s = s.masked_fill(~torch.ones(77, 130, dtype=torch.bool, device=s.device).tril(), -math.inf)
+    torch.testing.assert_close(lse2.double() * math.log(2), torch.logsumexp(s, -1),
+                               rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_result_does_not_depend_on_tiling(causal):
+    """The GPU autotuner picks other tile shapes than the interpreter's default: check several,
+    including BLOCK_M != BLOCK_N (the causal diagonal then cuts tiles unevenly)."""
+    from stepdiff.kernels import attention_triton as kernels
+
+    q, k, v, do = _inputs(1, 1, 100, 83, 40, torch.float32, seed=13)
+    exact = _run(_sdpa(causal), *(t.double() for t in (q, k, v, do)))
+    bounds = [C * U[q.dtype] * m for m in _magnitudes(q, k, v, do, causal, U[q.dtype])]
+    for bm, bn in ((16, 64), (64, 16), (64, 32), (16, 16)):
+        cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": 4, "num_stages": 1}
+        o, lse = kernels.attention_forward(q, k, v, 1 / math.sqrt(40), causal, config=cfg)
+        # dK/dV holds BLOCK_N keys and steps BLOCK_M queries; dQ the other way round.
+        grads = kernels.attention_backward(do, q, k, v, o, lse, 1 / math.sqrt(40), causal,
+                                           configs=(cfg, {**cfg, "BLOCK_M": bn, "BLOCK_N": bm}))
+        for name, x, e, b in zip(("o", "dq", "dk", "dv"), (o, *grads), exact, bounds,
+                                 strict=True):
+            err = (x.double() - e).norm().item()
+            assert err <= b, f"{name} with tiles {bm}x{bn}: error {err:.3g} > {b:.3g}"
+
+
+def test_layouts_and_strides():
+    """[B, L, H, D] inputs, a head-dim stride of 2, a transposed K, and V broadcast over heads
+    (stride 0): read through their strides, never copied, and the same numbers come out."""
+    B, H, Lq, Lk, D = 2, 2, 33, 47, 40
+    g = torch.Generator().manual_seed(17)
+    q_blhd = torch.randn(B, Lq, H, D, generator=g).to(DEVICE)
+    k_wide = torch.randn(B, H, Lk, 2 * D, generator=g).to(DEVICE)[..., ::2]  # stride_d = 2
+    k_t = torch.randn(B, H, D, Lk, generator=g).to(DEVICE).transpose(-1, -2)  # stride_l = 1
+    v_shared = torch.randn(B, 1, Lk, D, generator=g).to(DEVICE).expand(B, H, Lk, D)
+    do_blhd = torch.randn(B, Lq, H, D, generator=g).to(DEVICE)
+    assert not k_wide.is_contiguous() and v_shared.stride(1) == 0
+
+    o = attention(q_blhd, k_wide.transpose(1, 2), v_shared.transpose(1, 2), layout="blhd",
+                  backend="triton")
+    assert o.shape == (B, Lq, H, D)
+    o_bhld = attention(q_blhd.transpose(1, 2).contiguous(), k_wide.contiguous(),
+                       v_shared.contiguous(), backend="triton")
+    torch.testing.assert_close(o, o_bhld.transpose(1, 2), rtol=1e-6, atol=1e-6)
+
+    # Gradients through the strided views, against float64 SDPA.
+    check_against_float64(q_blhd.transpose(1, 2), k_t, v_shared, do_blhd.transpose(1, 2))
+    check_against_float64(q_blhd.transpose(1, 2), k_wide, v_shared, do_blhd.transpose(1, 2))
+
+
+def test_backward_is_deterministic():
+    q, k, v, do = _inputs(1, 2, 77, 130, 16, torch.float16, seed=19)
+    first = _run(lambda a, b, c: attention(a, b, c, backend="triton"), q, k, v, do)
+    second = _run(lambda a, b, c: attention(a, b, c, backend="triton"), q, k, v, do)
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------------------------
+# The reference and the dispatcher
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_reference_in_float64_equals_sdpa(causal):
+    q, k, v, do = _inputs(2, 3, 13, 29, 24, torch.float64, seed=23)
+    for got, want in zip(_run(lambda a, b, c: attention_reference(a, b, c, causal=causal),
+                              q, k, v, do), _run(_sdpa(causal), q, k, v, do), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    blhd = attention_reference(*(t.transpose(1, 2) for t in (q, k, v)), causal=causal,
+                               layout="blhd", scale=0.7)
+    torch.testing.assert_close(blhd.transpose(1, 2),
+                               attention_reference(q, k, v, causal=causal, scale=0.7))
+
+
+def test_cpu_tensors_take_the_reference_unless_asked(monkeypatch):
+    from stepdiff.kernels import attention_triton as kernels
+
+    calls = []
+    real = kernels.attention_forward
+    monkeypatch.setattr(kernels, "attention_forward",
+                        lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    q, k, v, _ = (t.cpu() for t in _inputs(1, 1, 5, 6, 16, torch.float32, seed=29))
+    monkeypatch.delenv("STEPDIFF_BACKEND", raising=False)
+    assert torch.equal(attention(q, k, v), attention_reference(q, k, v))
+    assert calls == []
+    monkeypatch.setenv("STEPDIFF_BACKEND", "triton")
+    o = attention(q, k, v)
+    assert calls == [1]
+    torch.testing.assert_close(o, attention_reference(q, k, v), rtol=1e-5, atol=1e-6)
+    # float64 always takes the reference under "auto" (the kernels have no float64 path).
+    monkeypatch.setenv("STEPDIFF_BACKEND", "auto")
+    attention(q.double(), k.double(), v.double())
+    assert calls == [1]
+
+
+def _bad(**changes):
+    base = {"q": torch.randn(2, 3, 5, 16), "k": torch.randn(2, 3, 7, 16),
+            "v": torch.randn(2, 3, 7, 16)}
+    return {**base, **changes}
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (_bad(k=torch.randn(1, 3, 7, 16)), ValueError, "batch and heads"),
+    (_bad(v=torch.randn(2, 4, 7, 16)), ValueError, "batch and heads"),
+    (_bad(k=torch.randn(2, 3, 7, 8)), ValueError, "head dims"),
+    (_bad(v=torch.randn(2, 3, 6, 16)), ValueError, "same length"),
+    ({"q": torch.randn(1, 1, 4, 264), "k": torch.randn(1, 1, 4, 264),
+      "v": torch.randn(1, 1, 4, 264)}, ValueError, "exceeds"),
+    (_bad(q=torch.ones(2, 3, 5, 16, dtype=torch.int32)), TypeError, "floating-point"),
+    (_bad(k=torch.randn(2, 3, 7, 16, dtype=torch.float16)), TypeError, "one dtype"),
+    (_bad(v=torch.randn(2, 3, 7, 16, device="meta")), ValueError, "one device"),
+    (_bad(q=torch.randn(2, 3, 5)), ValueError, "4 dims"),
+    (_bad(k=torch.randn(2, 3, 0, 16), v=torch.randn(2, 3, 0, 16)), ValueError, "at least 1"),
+    (_bad(layout="bshd"), ValueError, "layout"),
+    (_bad(scale=-1.0), ValueError, "scale"),
+    (_bad(backend="cuda"), ValueError, "backend"),
+    (_bad(layout="blhd"), ValueError, "batch and heads"),  # [2,5,3,16] vs [2,7,3,16] as BLHD
+])
+def test_bad_inputs_raise(kwargs, error, match):
+    kwargs = dict(kwargs)
+    q, k, v = kwargs.pop("q"), kwargs.pop("k"), kwargs.pop("v")
+    with pytest.raises(error, match=match):
+        attention(q, k, v, **kwargs)
+
+
+def test_triton_backend_rejects_what_it_cannot_run():
+    q = torch.randn(1, 1, 4, 16, dtype=torch.float64)
+    with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
+        attention(q, q, q, backend="triton")
+    if DEVICE == "cpu":
+        b = q.to(torch.bfloat16)
+        with pytest.raises(TypeError, match="interpreter"):
+            attention(b, b, b, backend="triton")
+    m = torch.randn(1, 1, 4, 16, device="meta")
+    with pytest.raises(ValueError, match="CUDA tensors"):
+        attention(m, m, m, backend="triton")
