@@ -30,7 +30,7 @@ test: $(STAMP)
 book: $(STAMP)
 	rm -rf _build/html _build/.doctrees _build/jupyter_execute book/apidocs
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/jupyter-book build . --all -W -n --keep-going \
-	  || { cat _build/html/reports/*.err.log 2>/dev/null; exit 1; }
+	  || { find _build/html/reports -name '*.err.log' -exec cat {} + 2>/dev/null; exit 1; }
 	$(BIN)/python .ci/check_site.py _build/html
 	@echo "The book is at $(abspath _build/html)/index.html (make serve to view it)."
 

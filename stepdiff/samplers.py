@@ -56,6 +56,7 @@ __all__ = [
 ]
 
 Model = Callable[[Tensor, Tensor], Tensor]
+"""A network or denoiser called as ``model(x, t)``: ``x`` is ``[B, ...]``, ``t`` is ``[B]``."""
 f64 = torch.float64
 
 
