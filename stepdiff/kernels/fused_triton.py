@@ -1,0 +1,613 @@
+r"""Triton kernels for the two elementwise hot paths of diffusion, with their launchers.
+
+- {py:obj}`~stepdiff.kernels.fused_triton.affine_step_kernel`:
+  $x' = c_x\,x + c_{\rm pred}\,\mathrm{clamp}(p) + c_{\rm noise}\,z$, the update of every DDPM,
+  DDIM, $x_0$-parametrized and Euler step;
+- {py:obj}`~stepdiff.kernels.fused_triton.noise_add_kernel`: $x_t = a\,x_0 + s\,\varepsilon$ and
+  the target $c_0x_0 + c_1\varepsilon$, from one $\varepsilon$.
+
+Each program handles one tile of ``BLOCK`` consecutive elements of the flattened data; a
+per-sample coefficient is found per tile (one sample when the sample size is a multiple of
+``BLOCK``, the case of images, else at most two, else one division per element). Loads are
+upcast to float32 at once and the result is rounded once, on the store: the math is float32
+for fp32, fp16 and bf16 data alike.
+
+**The noise.** $z$ (or $\varepsilon$) is drawn inside the kernel, so it costs no memory traffic.
+It is a pure function of the seed, the offset and the element's index $e$ in the flattened
+tensor, so it does not depend on the block size, the launch grid or the shape:
+
+- element $e$ lies in group $g = \lfloor e/128\rfloor$, run $k = \lfloor e/32\rfloor \bmod 4$,
+  place $m = e \bmod 32$;
+- one Philox-4x32-10 call with key = seed and 128-bit counter $(32g + m) + 2^{64}\,$offset
+  gives four 32-bit words; two Box-Muller pairs turn them into four normals, and run $k$
+  takes the $k$-th. So each Philox call feeds four elements, 32 apart, and every run of 32
+  elements is contiguous in memory, which keeps loads and stores wide.
+
+The Box-Muller transform is written out with a logarithm from the float's exponent plus a
+short series, and sine and cosine as polynomials on a quarter turn whose quadrant comes
+from two random bits: cheaper than the library's accurate `log`, `sin` and `cos`, and the
+same in Triton's interpreter as on the GPU.
+{py:obj}`stepdiff.kernels.reference.philox_normal_reference` computes the same numbers with NumPy.
+
+This module imports Triton; {py:mod}`stepdiff.kernels.fused` imports it only when a Triton path
+is taken, so `TRITON_INTERPRET=1` may be set any time before the first such call.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+__all__ = [
+    "INTERPRETED",
+    "RUN",
+    "SUPPORTED_DTYPES",
+    "affine_step_kernel",
+    "noise_add_kernel",
+    "philox_normal_kernel",
+    "affine_step_triton",
+    "noise_add_triton",
+    "philox_normal_triton",
+    "launch_config",
+]
+
+#: Whether the kernels below were built for Triton's interpreter (``TRITON_INTERPRET=1``
+#: when this module was imported); then they run on CPU tensors, one program at a time.
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+#: Elements per run: part of the definition of the noise (changing it changes every draw).
+RUN = tl.constexpr(32)
+
+#: Data types the kernels read and write (the arithmetic is float32 for all of them).
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# How noise enters a kernel (a compile-time switch).
+NO_NOISE = tl.constexpr(0)
+NOISE_FROM_MEMORY = tl.constexpr(1)
+NOISE_FROM_PHILOX = tl.constexpr(2)
+
+
+# --- noise: Philox words to four standard normals ---------------------------------------------
+
+
+@triton.jit
+def _log_unit(u):
+    r"""$\ln u$ for float32 $u \in (0, 1]$: exponent plus an atanh series on the mantissa.
+
+    With $u = 2^e m$, $m \in [\sqrt{1/2}, \sqrt 2)$ and $s = (m-1)/(m+1)$,
+    $\ln u = e\ln 2 + 2(s + s^3/3 + s^5/5 + s^7/7 + s^9/9)$; $|s| \le 0.172$, so the first
+    omitted term is below $10^{-9}$.
+    """
+    bits = u.to(tl.int32, bitcast=True)
+    e = (bits >> 23) - 127  # u >= 2**-33 is a normal float: no subnormal case
+    m = ((bits & 0x007FFFFF) | 0x3F800000).to(tl.float32, bitcast=True)  # mantissa in [1, 2)
+    big = m > 1.4142135623730951
+    m = tl.where(big, 0.5 * m, m)
+    e = tl.where(big, e + 1, e)
+    s = (m - 1.0) / (m + 1.0)
+    s2 = s * s
+    series = 0.14285714285714285 + s2 * 0.1111111111111111
+    series = 1.0 + s2 * (0.3333333333333333 + s2 * (0.2 + s2 * series))
+    return e.to(tl.float32) * 0.6931471805599453 + 2.0 * s * series
+
+
+@triton.jit
+def _box_muller(w_radius, w_angle):
+    r"""Two independent standard normals $(r\cos\theta, r\sin\theta)$ from two uint32 words.
+
+    Radius: $u = (w + \tfrac12)/2^{32} \in (0, 1]$ (rounded to float32) and
+    $r = \sqrt{-2\ln u}$, so $|z| \le \sqrt{66\ln 2} \approx 6.8$. Angle:
+    $\theta = \tfrac\pi2 q + \varphi$ with quadrant $q$ the top two bits of the word and
+    $\varphi \in [-\pi/4, \pi/4)$ from the other 30; $\cos\varphi$ and $\sin\varphi$ are their
+    Taylor polynomials to degree 8 and 9 (errors below $3\cdot 10^{-8}$), and the quadrant
+    is a swap and two sign flips.
+    """
+    # 2**-32 and 2**-33: the product is exact, so u is the same with or without an FMA.
+    u = w_radius.to(tl.float32) * 2.3283064365386963e-10 + 1.1641532182693481e-10
+    r = tl.sqrt(tl.maximum(-2.0 * _log_unit(u), 0.0))
+    q = (w_angle >> 30).to(tl.int32)
+    # phi = (pi/2) * (l / 2**30 - 1/2) for the low 30 bits l.
+    phi = (w_angle & 0x3FFFFFFF).to(tl.float32) * 1.4629180792671596e-09 - 0.7853981633974483
+    p = phi * phi
+    # Horner forms of the Taylor series, coefficients (-1)^k / (2k+1)! and (-1)^k / (2k)!.
+    sin = -0.0001984126984126984 + p * 2.7557319223985893e-06
+    sin = phi * (1.0 + p * (-0.16666666666666666 + p * (0.008333333333333333 + p * sin)))
+    cos = -0.001388888888888889 + p * 2.48015873015873e-05
+    cos = 1.0 + p * (-0.5 + p * (0.041666666666666664 + p * cos))
+    # (cos, sin) of theta = q pi/2 + phi: q = 0: (c, s); 1: (-s, c); 2: (-c, -s); 3: (s, -c).
+    swap = (q & 1) != 0
+    a = tl.where(swap, sin, cos)
+    b = tl.where(swap, cos, sin)
+    a = tl.where(((q + 1) & 2) != 0, -a, a)
+    b = tl.where((q & 2) != 0, -b, b)
+    return r * a, r * b
+
+
+@triton.jit
+def _tile_noise(seed_ptr, seed, offset, pid, SEED_IN_MEMORY: tl.constexpr, BLOCK: tl.constexpr):
+    """The noise of tile ``pid``: four ``[BLOCK // 128, 32]`` blocks, one per run.
+
+    Entry ``(g, m)`` of block ``k`` is element ``pid * BLOCK + 128 g + 32 k + m``, and all
+    four come from one Philox-4x32-10 call: key ``seed``, counter ``(pid * BLOCK // 4 + 32 g
+    + m, offset)``. The seed and offset are launch arguments, or are read from a device
+    tensor ``[seed, offset]`` at run time, so a CUDA-graph replay sees their current values.
+    """
+    if SEED_IN_MEMORY:
+        seed = tl.load(seed_ptr)
+        offset = tl.load(seed_ptr + 1)
+    offset = offset.to(tl.int64)
+    first = pid.to(tl.int64) * (BLOCK // 4)
+    rows = tl.arange(0, BLOCK // (4 * RUN))[:, None]
+    cols = tl.arange(0, RUN)[None, :]
+    # first is a multiple of BLOCK // 4, a power of two: adding the tile's share cannot carry.
+    counter_lo = (first & 0xFFFFFFFF).to(tl.uint32) + (rows * RUN + cols).to(tl.uint32)
+    counter_hi = (first >> 32).to(tl.uint32)
+    offset_lo = (offset & 0xFFFFFFFF).to(tl.uint32)
+    offset_hi = (offset >> 32).to(tl.uint32)
+    w0, w1, w2, w3 = tl.philox(seed, counter_lo, counter_hi, offset_lo, offset_hi)
+    z0, z1 = _box_muller(w0, w1)
+    z2, z3 = _box_muller(w2, w3)
+    return z0, z1, z2, z3
+
+
+@triton.jit
+def _pick(k: tl.constexpr, z0, z1, z2, z3):
+    """Block ``k`` of four (``k`` is known at compile time, so this costs nothing)."""
+    if k == 0:
+        return z0
+    elif k == 1:
+        return z1
+    elif k == 2:
+        return z2
+    else:
+        return z3
+
+
+@triton.jit
+def _run_index(k: tl.constexpr, BLOCK: tl.constexpr):
+    """Index within the tile of the elements of run ``k``: ``128 g + 32 k + m``, shape
+    ``[BLOCK // 128, 32]``."""
+    rows = tl.arange(0, BLOCK // (4 * RUN))[:, None]
+    cols = tl.arange(0, RUN)[None, :]
+    return rows * (4 * RUN) + k * RUN + cols
+
+
+# Where a tile's per-sample coefficients come from (a compile-time switch).
+NO_SAMPLE = tl.constexpr(0)  # no coefficient is per sample
+ONE_SAMPLE = tl.constexpr(1)  # n % BLOCK == 0: the tile lies in one sample
+TWO_SAMPLES = tl.constexpr(2)  # n >= BLOCK: the tile meets at most two samples
+MANY_SAMPLES = tl.constexpr(3)  # n < BLOCK: one division per element
+
+# How a coefficient is passed.
+BY_VALUE = tl.constexpr(0)  # a Python float, passed with the launch
+ONE_IN_MEMORY = tl.constexpr(1)  # a 0-d tensor, read at run time
+PER_SAMPLE = tl.constexpr(2)  # a [B] tensor, read at run time
+
+
+@triton.jit
+def _samples(start, local, n, batch, SAMPLES: tl.constexpr):
+    """Which sample each element of a run belongs to, as ``(b0, b1, second)``: for the ONE
+    and TWO cases the tile's first and next sample and a mask of the elements in the next;
+    for MANY the sample of every element (in ``b0``)."""
+    if SAMPLES == NO_SAMPLE:
+        return 0, 0, local < 0  # unused
+    elif SAMPLES == MANY_SAMPLES:
+        b = tl.minimum((start + local) // n, batch - 1)  # masked tail elements stay in range
+        return b, b, local < 0
+    else:
+        b0 = start // n
+        b1 = tl.minimum(b0 + 1, batch - 1)
+        # Index in the tile where sample b0 + 1 begins (past BLOCK: not in this tile).
+        boundary = tl.minimum((b0 + 1) * n - start, 1 << 30).to(tl.int32)
+        return b0, b1, local >= boundary
+
+
+@triton.jit
+def _coefficient(ptr, value, stride, b0, b1, second, KIND: tl.constexpr, SAMPLES: tl.constexpr):
+    """A coefficient for the elements of one run, in float32: a scalar, or a block when the
+    run meets several samples."""
+    if KIND == BY_VALUE:
+        return value
+    elif KIND == ONE_IN_MEMORY:
+        return tl.load(ptr).to(tl.float32)
+    elif SAMPLES == TWO_SAMPLES:
+        first = tl.load(ptr + b0 * stride).to(tl.float32)
+        later = tl.load(ptr + b1 * stride).to(tl.float32)
+        return tl.where(second, later, first)
+    else:  # ONE_SAMPLE: b0 is the tile's sample; MANY_SAMPLES: b0 is per element
+        return tl.load(ptr + b0 * stride).to(tl.float32)
+
+
+# --- the kernels -------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["seed", "offset"])
+def affine_step_kernel(
+    x_ptr, pred_ptr, noise_ptr, out_ptr,
+    cx_ptr, cx_value, cx_stride,
+    cp_ptr, cp_value, cp_stride,
+    cz_ptr, cz_value, cz_stride,
+    seed_ptr, seed, offset, clamp,
+    total, n, batch,
+    CX: tl.constexpr, CP: tl.constexpr, CZ: tl.constexpr, SAMPLES: tl.constexpr,
+    NOISE: tl.constexpr, SEED_IN_MEMORY: tl.constexpr, CLAMP: tl.constexpr,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    r"""$x' = c_x[b]\,x + c_{\rm pred}[b]\,\mathrm{clamp}(p, -c, c) + c_{\rm noise}[b]\,z$.
+
+    The data are ``total = batch * n`` contiguous elements, ``n`` per sample; program ``pid``
+    handles elements ``[pid * BLOCK, (pid + 1) * BLOCK)`` as four runs. Each coefficient is a
+    launch argument, a 0-d tensor or a ``[B]`` tensor (``CX``, ``CP``, ``CZ``); ``z`` is read
+    from ``noise_ptr`` or drawn by Philox (``NOISE``).
+    """
+    pid = tl.program_id(0)
+    start = pid.to(tl.int64) * BLOCK  # int64: a tensor may hold more than 2**31 elements
+    remaining = tl.minimum(total - start, BLOCK).to(tl.int32)
+    if NOISE == NOISE_FROM_PHILOX:
+        z0, z1, z2, z3 = _tile_noise(seed_ptr, seed, offset, pid, SEED_IN_MEMORY, BLOCK)
+    for k in tl.static_range(4):
+        local = _run_index(k, BLOCK)
+        mask = local < remaining
+        b0, b1, second = _samples(start, local, n, batch, SAMPLES)
+        c_x = _coefficient(cx_ptr, cx_value, cx_stride, b0, b1, second, CX, SAMPLES)
+        c_pred = _coefficient(cp_ptr, cp_value, cp_stride, b0, b1, second, CP, SAMPLES)
+        x = tl.load(x_ptr + start + local, mask=mask, other=0.0).to(tl.float32)
+        p = tl.load(pred_ptr + start + local, mask=mask, other=0.0).to(tl.float32)
+        if CLAMP:  # NaN stays NaN, as in torch.clamp
+            p = tl.clamp(p, -clamp, clamp, propagate_nan=tl.PropagateNan.ALL)
+        y = c_x * x + c_pred * p
+        if NOISE != NO_NOISE:
+            c_noise = _coefficient(cz_ptr, cz_value, cz_stride, b0, b1, second, CZ, SAMPLES)
+            if NOISE == NOISE_FROM_MEMORY:
+                z = tl.load(noise_ptr + start + local, mask=mask, other=0.0).to(tl.float32)
+            else:
+                z = _pick(k, z0, z1, z2, z3)
+            y += c_noise * z
+        tl.store(out_ptr + start + local, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["seed", "offset"])
+def noise_add_kernel(
+    x0_ptr, noise_ptr, xt_ptr, target_ptr,
+    a_ptr, a_value, a_stride,
+    s_ptr, s_value, s_stride,
+    c0_ptr, c0_value, c0_stride,
+    c1_ptr, c1_value, c1_stride,
+    seed_ptr, seed, offset,
+    total, n, batch,
+    A: tl.constexpr, S: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr, SAMPLES: tl.constexpr,
+    NOISE: tl.constexpr, SEED_IN_MEMORY: tl.constexpr, TARGET_IS_EPS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    r"""$x_t = a[b]\,x_0 + s[b]\,\varepsilon$ and the target $c_0[b]\,x_0 + c_1[b]\,\varepsilon$.
+
+    Laid out as {py:obj}`~stepdiff.kernels.fused_triton.affine_step_kernel`, whose noise it
+    shares: equal seeds and offsets give equal $\varepsilon$ in both. With ``TARGET_IS_EPS``
+    the target is $\varepsilon$ itself and ``c0``, ``c1`` are not read.
+    """
+    pid = tl.program_id(0)
+    start = pid.to(tl.int64) * BLOCK
+    remaining = tl.minimum(total - start, BLOCK).to(tl.int32)
+    if NOISE == NOISE_FROM_PHILOX:
+        e0, e1, e2, e3 = _tile_noise(seed_ptr, seed, offset, pid, SEED_IN_MEMORY, BLOCK)
+    for k in tl.static_range(4):
+        local = _run_index(k, BLOCK)
+        mask = local < remaining
+        b0, b1, second = _samples(start, local, n, batch, SAMPLES)
+        a = _coefficient(a_ptr, a_value, a_stride, b0, b1, second, A, SAMPLES)
+        s = _coefficient(s_ptr, s_value, s_stride, b0, b1, second, S, SAMPLES)
+        x0 = tl.load(x0_ptr + start + local, mask=mask, other=0.0).to(tl.float32)
+        if NOISE == NOISE_FROM_MEMORY:
+            eps = tl.load(noise_ptr + start + local, mask=mask, other=0.0).to(tl.float32)
+        else:
+            eps = _pick(k, e0, e1, e2, e3)
+        tl.store(xt_ptr + start + local, (a * x0 + s * eps).to(xt_ptr.dtype.element_ty), mask=mask)
+        if TARGET_IS_EPS:
+            target = eps
+        else:
+            c0 = _coefficient(c0_ptr, c0_value, c0_stride, b0, b1, second, C0, SAMPLES)
+            c1 = _coefficient(c1_ptr, c1_value, c1_stride, b0, b1, second, C1, SAMPLES)
+            target = c0 * x0 + c1 * eps
+        tl.store(target_ptr + start + local, target.to(target_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["seed", "offset"])
+def philox_normal_kernel(
+    out_ptr, seed_ptr, seed, offset, total, SEED_IN_MEMORY: tl.constexpr, BLOCK: tl.constexpr
+):
+    """The noise alone: ``total`` standard normals, as the two kernels above draw them."""
+    pid = tl.program_id(0)
+    start = pid.to(tl.int64) * BLOCK
+    remaining = tl.minimum(total - start, BLOCK).to(tl.int32)
+    z0, z1, z2, z3 = _tile_noise(seed_ptr, seed, offset, pid, SEED_IN_MEMORY, BLOCK)
+    for k in tl.static_range(4):
+        local = _run_index(k, BLOCK)
+        z = _pick(k, z0, z1, z2, z3)
+        tl.store(out_ptr + start + local, z.to(out_ptr.dtype.element_ty), mask=local < remaining)
+
+
+# --- launchers ---------------------------------------------------------------------------------
+
+_MAX_SEED = 2**63 - 1
+
+
+def launch_config(
+    total: int, dtype: torch.dtype, block: int | None = None, num_warps: int | None = None
+):
+    """``(BLOCK, num_warps)`` for ``total`` elements of ``dtype``.
+
+    By default each thread moves 16 bytes per run (one vector load or store) with 4 warps:
+    a tile holds four runs of ``[4 * 16 / itemsize, 32]`` elements, 2048 in fp32 and 4096 in
+    fp16/bf16, and smaller tiles for small tensors. A ``block`` must be a power of two, at
+    least 128 (one group of four runs).
+    """
+    if block is None:
+        per_thread = 16 // torch.empty((), dtype=dtype).element_size()
+        block = 4 * RUN.value * 4 * per_thread
+        block = min(block, max(4 * RUN.value, triton.next_power_of_2(max(total, 1))))
+    if block < 4 * RUN.value or block & (block - 1):
+        raise ValueError(f"block must be a power of two >= {4 * RUN.value}; got {block}")
+    if num_warps is None:
+        num_warps = max(1, min(4, block // 512))
+    return block, num_warps
+
+
+def _shape(x: Tensor) -> tuple[int, int, int]:
+    """``(total, B, n)``: elements, batch size and elements per sample of batch-first data."""
+    batch = x.shape[0] if x.ndim else 1
+    total = x.numel()
+    return total, batch, (total // batch if batch else 0)
+
+
+def _samples_mode(coefficients, n: int, block: int):
+    """How the kernel finds a tile's per-sample coefficients (see ``ONE_SAMPLE`` etc.)."""
+    if not any(kind == PER_SAMPLE.value for kind in coefficients):
+        return NO_SAMPLE.value
+    if n % block == 0:
+        return ONE_SAMPLE.value
+    return TWO_SAMPLES.value if n >= block else MANY_SAMPLES.value
+
+
+def _check_data(name: str, t: Tensor, like: Tensor | None) -> None:
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"the Triton kernels take float32, float16 or bfloat16; {name} is {t.dtype}"
+        )
+    if like is not None:
+        if t.shape != like.shape:
+            raise ValueError(f"{name} must have shape {tuple(like.shape)}; got {tuple(t.shape)}")
+        if t.device != like.device:
+            raise ValueError(f"{name} is on {t.device} but the data are on {like.device}")
+    if not t.is_contiguous():
+        raise ValueError(
+            f"{name} must be contiguous (strides {t.stride()} for shape {tuple(t.shape)}); "
+            f"pass {name}.contiguous()"
+        )
+
+
+def _coefficient_args(name: str, c, x: Tensor, batch: int):
+    """``(pointer, value, stride, kind)`` for a float, a 0-d tensor or a ``[B]`` tensor."""
+    if isinstance(c, Tensor):
+        if c.ndim > 1 or (c.ndim == 1 and c.shape[0] != batch):
+            raise ValueError(
+                f"{name} must be a scalar or have shape [{batch}]; got {tuple(c.shape)}"
+            )
+        if c.device != x.device:
+            raise ValueError(f"{name} is on {c.device} but the data are on {x.device}")
+        if not c.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor; got {c.dtype}")
+        if c.ndim == 0:
+            return c, 0.0, 0, ONE_IN_MEMORY.value
+        return c, 0.0, c.stride(0), PER_SAMPLE.value
+    return x, float(c), 0, BY_VALUE.value
+
+
+def _seed_args(seed, offset: int, x: Tensor):
+    """``(seed_ptr, seed, offset, SEED_IN_MEMORY)`` for an int seed or an int64 state tensor."""
+    if isinstance(seed, Tensor):
+        if seed.dtype != torch.int64 or seed.shape != (2,):
+            raise ValueError(
+                "a seed tensor must be int64 of shape [2] (seed, offset); "
+                f"got {seed.dtype} of shape {tuple(seed.shape)}"
+            )
+        if seed.device != x.device:
+            raise ValueError(f"the seed tensor is on {seed.device} but the data are on {x.device}")
+        if offset:
+            raise ValueError("offset comes from the seed tensor; do not pass it separately")
+        return seed, 0, 0, True
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(
+            f"seed must be an int or an int64 tensor [seed, offset]; got {type(seed).__name__}"
+        )
+    if not (0 <= seed <= _MAX_SEED and 0 <= offset <= _MAX_SEED):
+        raise ValueError(f"seed and offset must lie in [0, 2**63 - 1]; got {seed}, {offset}")
+    return x, seed, offset, False
+
+
+def _check_device(x: Tensor) -> None:
+    if x.device.type == "cpu" and not INTERPRETED:
+        raise RuntimeError(
+            "CPU tensors run the Triton kernels only in Triton's interpreter: set "
+            "TRITON_INTERPRET=1 before the first Triton call (or use CUDA tensors)"
+        )
+
+
+def _launch(kernel, grid, x: Tensor, args, num_warps: int) -> None:
+    # Triton launches on the current device; follow the data if they live elsewhere.
+    if x.is_cuda and x.device.index != torch.cuda.current_device():
+        with torch.cuda.device(x.device):
+            kernel[grid](*args, num_warps=num_warps)
+    else:
+        kernel[grid](*args, num_warps=num_warps)
+
+
+def affine_step_triton(
+    x: Tensor,
+    pred: Tensor,
+    c_x: Tensor | float,
+    c_pred: Tensor | float,
+    c_noise: Tensor | float | None = None,
+    *,
+    noise: Tensor | None = None,
+    seed: int | Tensor | None = None,
+    offset: int = 0,
+    clamp: float | None = None,
+    out: Tensor | None = None,
+    block: int | None = None,
+    num_warps: int | None = None,
+) -> Tensor:
+    r"""$x' = c_x x + c_{\rm pred}\,\mathrm{clamp}(p) + c_{\rm noise} z$ in one launch.
+
+    ``x``, ``pred`` (and ``noise``, ``out``): contiguous ``[B, ...]`` tensors, float32,
+    float16 or bfloat16. Coefficients: Python floats, 0-d tensors or ``[B]`` tensors on the
+    device of ``x``. With ``c_noise``, ``z`` is ``noise`` if given, else drawn in the kernel
+    from ``seed`` and ``offset`` (see the module docstring); ``seed`` is an int, or an int64
+    device tensor ``[seed, offset]`` read by the kernel at run time. ``out`` may be ``x``.
+    """
+    _check_device(x)
+    _check_data("x", x, None)
+    _check_data("pred", pred, x)
+    if out is None:
+        out = torch.empty_like(x)
+    else:
+        _check_data("out", out, x)
+        if out.dtype != x.dtype:
+            raise TypeError(f"out must have the dtype of x, {x.dtype}; got {out.dtype}")
+    total, batch, n = _shape(x)
+    if c_noise is None:
+        mode, noise_arg, seed_args = NO_NOISE.value, x, (x, 0, 0, False)
+    elif noise is not None:
+        _check_data("noise", noise, x)
+        mode, noise_arg, seed_args = NOISE_FROM_MEMORY.value, noise, (x, 0, 0, False)
+    elif seed is None:
+        raise ValueError("c_noise needs noise, or a seed to draw it from")
+    else:
+        mode, noise_arg, seed_args = NOISE_FROM_PHILOX.value, x, _seed_args(seed, offset, x)
+    cx = _coefficient_args("c_x", c_x, x, batch)
+    cp = _coefficient_args("c_pred", c_pred, x, batch)
+    cz = _coefficient_args("c_noise", 0.0 if c_noise is None else c_noise, x, batch)
+    if total == 0:
+        return out
+    block, num_warps = launch_config(total, x.dtype, block, num_warps)
+    samples = _samples_mode((cx[3], cp[3], cz[3]), n, block)
+    args = (
+        x,
+        pred,
+        noise_arg,
+        out,
+        *cx[:3],
+        *cp[:3],
+        *cz[:3],
+        *seed_args[:3],
+        0.0 if clamp is None else float(clamp),
+        total,
+        n,
+        batch,
+        cx[3],
+        cp[3],
+        cz[3],
+        samples,
+        mode,
+        seed_args[3],
+        clamp is not None,
+        block,
+    )
+    _launch(affine_step_kernel, (triton.cdiv(total, block),), x, args, num_warps)
+    return out
+
+
+def noise_add_triton(
+    x0: Tensor,
+    a: Tensor | float,
+    s: Tensor | float,
+    c0: Tensor | float | None = None,
+    c1: Tensor | float | None = None,
+    *,
+    noise: Tensor | None = None,
+    seed: int | Tensor | None = None,
+    offset: int = 0,
+    block: int | None = None,
+    num_warps: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    r"""$x_t = a x_0 + s\varepsilon$ and the target $c_0x_0 + c_1\varepsilon$, in one launch.
+
+    Arguments as for {py:obj}`stepdiff.kernels.fused_triton.affine_step_triton`; $\varepsilon$
+    is ``noise`` if given, else drawn from ``seed`` and ``offset``. If only one of ``c0``,
+    ``c1`` is given, the other counts as 0.
+    """
+    _check_device(x0)
+    _check_data("x0", x0, None)
+    x_t = torch.empty_like(x0)
+    target = torch.empty_like(x0)
+    total, batch, n = _shape(x0)
+    if noise is not None:
+        _check_data("noise", noise, x0)
+        mode, noise_arg, seed_args = NOISE_FROM_MEMORY.value, noise, (x0, 0, 0, False)
+    elif seed is None:
+        raise ValueError("noise_add needs noise, or a seed to draw it from")
+    else:
+        mode, noise_arg, seed_args = NOISE_FROM_PHILOX.value, x0, _seed_args(seed, offset, x0)
+    target_is_eps = c0 is None and c1 is None
+    ca = _coefficient_args("a", a, x0, batch)
+    cs = _coefficient_args("s", s, x0, batch)
+    cc0 = _coefficient_args("c0", 0.0 if c0 is None else c0, x0, batch)
+    cc1 = _coefficient_args("c1", 0.0 if c1 is None else c1, x0, batch)
+    if total == 0:
+        return x_t, target
+    block, num_warps = launch_config(total, x0.dtype, block, num_warps)
+    kinds = (ca[3], cs[3]) if target_is_eps else (ca[3], cs[3], cc0[3], cc1[3])
+    samples = _samples_mode(kinds, n, block)
+    args = (
+        x0,
+        noise_arg,
+        x_t,
+        target,
+        *ca[:3],
+        *cs[:3],
+        *cc0[:3],
+        *cc1[:3],
+        *seed_args[:3],
+        total,
+        n,
+        batch,
+        ca[3],
+        cs[3],
+        cc0[3],
+        cc1[3],
+        samples,
+        mode,
+        seed_args[3],
+        target_is_eps,
+        block,
+    )
+    _launch(noise_add_kernel, (triton.cdiv(total, block),), x0, args, num_warps)
+    return x_t, target
+
+
+def philox_normal_triton(
+    shape: tuple[int, ...] | torch.Size,
+    seed: int | Tensor,
+    offset: int = 0,
+    *,
+    device: torch.device | str = "cuda",
+    dtype: torch.dtype = torch.float32,
+    block: int | None = None,
+    num_warps: int | None = None,
+) -> Tensor:
+    """The in-kernel noise on its own: a tensor of ``shape`` of standard normals, equal to
+    the ``z`` the kernels above add for the same seed, offset and shape."""
+    out = torch.empty(shape, device=device, dtype=dtype)
+    _check_device(out)
+    _check_data("out", out, None)
+    seed_args = _seed_args(seed, offset, out)
+    total = out.numel()
+    if total == 0:
+        return out
+    block, num_warps = launch_config(total, dtype, block, num_warps)
+    args = (out, *seed_args[:3], total, seed_args[3], block)
+    _launch(philox_normal_kernel, (triton.cdiv(total, block),), out, args, num_warps)
+    return out
