@@ -19,6 +19,7 @@ Importing this module does not import Triton.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import sys
@@ -30,7 +31,7 @@ __all__ = ["MAX_HEAD_DIM", "attention", "attention_reference"]
 
 MAX_HEAD_DIM = 256
 _LAYOUTS = ("bhld", "blhd")
-_BACKENDS = ("auto", "triton", "reference")
+_BACKENDS = ("auto", "triton", "torch")  # as for the other kernels (STEPDIFF_BACKEND)
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -132,7 +133,8 @@ def _resolve_backend(backend: str | None, q: Tensor) -> str:
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS} (or None); got {backend!r}")
     if backend == "auto":
-        return "triton" if q.is_cuda and q.dtype in _TRITON_DTYPES else "reference"
+        usable = q.is_cuda and q.dtype in _TRITON_DTYPES
+        return "triton" if usable and importlib.util.find_spec("triton") is not None else "torch"
     return backend
 
 
@@ -161,7 +163,7 @@ def _prepare_triton(q: Tensor) -> None:
     elif not loaded.INTERPRET:
         raise RuntimeError("the Triton kernels were compiled for the GPU (TRITON_INTERPRET was not "
                            "1 at their first use), so they cannot run CPU tensors; move the "
-                           "tensors to CUDA or use backend='reference'")
+                           "tensors to CUDA or use backend='torch'")
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None,
@@ -177,16 +179,17 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None,
     - ``causal``: query $i$ attends to keys $j \le i$ only (top-left aligned, as PyTorch's
       ``is_causal``).
     - ``backend``: ``"auto"`` (default; also read from ``STEPDIFF_BACKEND``): CUDA tensors of
-      dtype float16, bfloat16 or float32 take the Triton kernels, everything else (CPU, float64)
-      the reference. ``"triton"`` forces the kernels (on a CPU: the Triton interpreter, float16
-      and float32 only); ``"reference"`` forces `attention_reference`.
+      dtype float16, bfloat16 or float32 take the Triton kernels (when Triton is installed),
+      everything else (CPU, float64) the reference. ``"triton"`` forces the kernels (on a CPU:
+      the Triton interpreter, float16 and float32 only); ``"torch"`` forces
+      `attention_reference`.
 
     Any ``Lq, Lk >= 1`` and any head dim ``D <= 256``. The kernels accumulate in float32 and
     return the input dtype; their backward pass recomputes the attention probabilities from the
     saved log-sum-exp (no $L_q\times L_k$ matrix in memory) and is deterministic.
     """
     c = _check(q, k, v, layout, scale)
-    if _resolve_backend(backend, q) == "reference":
+    if _resolve_backend(backend, q) == "torch":
         return attention_reference(q, k, v, scale=c, causal=causal, layout=layout)
     _prepare_triton(q)
     o = _FlashAttention.apply(*(_to_bhld(t, layout) for t in (q, k, v)), c, bool(causal))

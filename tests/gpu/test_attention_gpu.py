@@ -184,7 +184,7 @@ def test_attention_layer_in_bf16_trains():
     x = torch.randn(2, 1024, 320, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
     ctx = torch.randn(2, 77, 96, device=DEVICE, dtype=torch.bfloat16)
     out = layer(x, ctx)
-    ref = Attention(320, heads=8, head_dim=40, context_dim=96, backend="reference")
+    ref = Attention(320, heads=8, head_dim=40, context_dim=96, backend="torch")
     ref = ref.to(DEVICE, torch.bfloat16)
     ref.load_state_dict(layer.state_dict())
     torch.testing.assert_close(out.float(), ref(x, ctx).float(), rtol=0.02, atol=0.02)

@@ -252,6 +252,9 @@ def test_cpu_tensors_take_the_reference_unless_asked(monkeypatch):
     # float64 always takes the reference under "auto" (the kernels have no float64 path).
     monkeypatch.setenv("STEPDIFF_BACKEND", "auto")
     attention(q.double(), k.double(), v.double())
+    # "torch" (the name the other kernels use too) forces the reference.
+    monkeypatch.setenv("STEPDIFF_BACKEND", "torch")
+    assert torch.equal(attention(q, k, v), attention_reference(q, k, v))
     assert calls == [1]
 
 

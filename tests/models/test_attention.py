@@ -81,7 +81,7 @@ def test_gradients_flow_through_the_triton_kernels():
     tri = Attention(40, heads=2, head_dim=24, context_dim=12, qkv_bias=True,
                     backend="triton").to(device)
     ref = Attention(40, heads=2, head_dim=24, context_dim=12, qkv_bias=True,
-                    backend="reference").to(device)
+                    backend="torch").to(device)
     ref.load_state_dict(tri.state_dict())
     x = torch.randn(2, 29, 40, device=device)
     ctx = torch.randn(2, 11, 12, device=device)
