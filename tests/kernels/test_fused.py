@@ -422,6 +422,39 @@ def test_samplers_and_forward_through_the_kernels(monkeypatch):
     torch.testing.assert_close(v, v_ref, rtol=1e-6, atol=1e-6)
 
 
+def _load_benchmark():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_fused.py"
+    spec = importlib.util.spec_from_file_location("bench_fused", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_bookkeeping(capsys):
+    """The benchmark's byte counts, records and ratios (its timing needs a GPU)."""
+    bench = _load_benchmark()
+    shape = (256, 4, 128, 128)
+    assert bench.min_bytes("affine_step_noise", shape, 2) == 3 * 2 * 256 * 4 * 128 * 128
+    assert bench.min_bytes("ddpm_loop_50", (2, 3), 4) == 50 * 5 * 6 * 4
+    nbytes = bench.min_bytes("noise_add", shape, 4)
+    records = [
+        bench.make_record("noise_add", impl, "float32", shape, ms, nbytes)
+        for impl, ms in (("triton", 0.1), ("eager", 0.35), ("compile", 0.15), ("copy", 0.08))
+    ]
+    assert records[0]["GBps"] == pytest.approx(nbytes / 1e-4 / 1e9)
+    triton_row = bench.annotate(records)[0]
+    assert triton_row["pct_copy"] == pytest.approx(80.0)
+    assert triton_row["vs_eager"] == pytest.approx(3.5)
+    assert triton_row["vs_compile"] == pytest.approx(1.5)
+    assert "pct_copy" not in bench.annotate(records)[3]
+    if not torch.cuda.is_available():
+        assert bench.main(["--quick"]) == 1
+        assert "needs a CUDA device" in capsys.readouterr().err
+
+
 # --- bad input ----------------------------------------------------------------------------------
 
 
