@@ -516,6 +516,20 @@ def _bucket(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
+def _check_launchable(*tensors: Tensor) -> None:
+    """The kernels index a head's rows with int32 offsets and put heads and batch on grid axes
+    1 and 2 (at most 65535 each): refuse what would overflow either, instead of reading wrong
+    memory."""
+    for t in tensors:
+        B, H, L, D = t.shape
+        span = sum((n - 1) * abs(st) for n, st in zip((L, D), t.stride()[2:], strict=True))
+        if span >= 2**31:
+            raise ValueError(f"one head of a tensor of shape {tuple(t.shape)} and strides "
+                             f"{t.stride()} spans {span} elements, beyond int32 offsets")
+        if B > 65535 or H > 65535:
+            raise ValueError(f"batch {B} and heads {H} must each be at most 65535 (grid limits)")
+
+
 def _meta(q: Tensor, causal: bool) -> dict:
     D = q.shape[-1]
     return {
@@ -539,6 +553,7 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: boo
     ``config`` fixes ``BLOCK_M``, ``BLOCK_N``, ``num_warps``, ``num_stages`` (tests use it to
     check that the result does not depend on the tiling); otherwise the GPU autotunes.
     """
+    _check_launchable(q, k, v)
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     o = torch.empty_like(q)
@@ -559,6 +574,7 @@ def attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, l
     $dK, dV$; then one program per query tile for $dQ$. ``configs`` = (dK/dV config, dQ config),
     each as in `attention_forward`.
     """
+    _check_launchable(do)
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     meta = _meta(q, causal)

@@ -299,3 +299,15 @@ def test_triton_backend_rejects_what_it_cannot_run():
     m = torch.randn(1, 1, 4, 16, device="meta")
     with pytest.raises(ValueError, match="CUDA tensors"):
         attention(m, m, m, backend="triton")
+
+
+def test_kernels_refuse_what_their_indexing_cannot_reach():
+    """Offsets within a head are int32 and batch/heads are grid axes (at most 65535 each)."""
+    from stepdiff.kernels import attention_triton as kernels
+
+    huge = torch.empty_strided((1, 1, 2, 16), (1, 1, 2**31, 1), device="meta")
+    with pytest.raises(ValueError, match="int32"):
+        kernels.attention_forward(huge, huge, huge, 1.0)
+    wide = torch.empty(70000, 1, 2, 16, device="meta")
+    with pytest.raises(ValueError, match="65535"):
+        kernels.attention_forward(wide, wide, wide, 1.0)
