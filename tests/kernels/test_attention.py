@@ -44,7 +44,9 @@ def _inputs(B, H, Lq, Lk, D, dtype, seed=0, magnitude=1.0):
 
 def _run(fn, q, k, v, do):
     """``[o, dq, dk, dv]`` of ``o = fn(q, k, v)`` with upstream gradient ``do``."""
-    xs = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    # detach() keeps the strides (a clone would make strided or expanded inputs contiguous),
+    # so the kernels' backward sees the layouts under test.
+    xs = [t.detach().requires_grad_() for t in (q, k, v)]
     o = fn(*xs)
     o.backward(do.to(o.dtype))
     return [o.detach()] + [x.grad for x in xs]
@@ -185,7 +187,7 @@ def test_result_does_not_depend_on_tiling(causal):
             assert err <= b, f"{name} with tiles {bm}x{bn}: error {err:.3g} > {b:.3g}"
 
 
-def test_layouts_and_strides():
+def test_layouts_and_strides(monkeypatch):
     """[B, L, H, D] inputs, a head-dim stride of 2, a transposed K, and V broadcast over heads
     (stride 0): read through their strides, never copied, and the same numbers come out."""
     B, H, Lq, Lk, D = 2, 2, 33, 47, 40
@@ -207,6 +209,21 @@ def test_layouts_and_strides():
     # Gradients through the strided views, against float64 SDPA.
     check_against_float64(q_blhd.transpose(1, 2), k_t, v_shared, do_blhd.transpose(1, 2))
     check_against_float64(q_blhd.transpose(1, 2), k_wide, v_shared, do_blhd.transpose(1, 2))
+    # ... and with the kernels reading them in place (a spy on the launch sees the strides).
+    from stepdiff.kernels import attention_triton as kernels
+
+    seen = []
+    real = kernels.attention_backward
+
+    def spy(do, q, k, v, *args, **kwargs):
+        seen.append((q.stride(), k.stride(), v.stride(), do.stride()))
+        return real(do, q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(kernels, "attention_backward", spy)
+    _run(lambda a, b, c: attention(a, b, c, backend="triton"), q_blhd.transpose(1, 2),
+         k_wide, v_shared, do_blhd.transpose(1, 2))
+    assert seen == [(q_blhd.transpose(1, 2).stride(), k_wide.stride(), v_shared.stride(),
+                     do_blhd.transpose(1, 2).stride())]
 
 
 def test_backward_is_deterministic():
