@@ -9,7 +9,7 @@ common prediction target is a fixed linear combination of $x_0$ and $\varepsilon
 | ``"eps"`` | the noise | $(0, 1)$ |
 | ``"v"`` | $v = \alpha\varepsilon - \sigma x_0$ (Salimans & Ho 2022) | $(-\sigma, \alpha)$ |
 | ``"score"`` | $\nabla_x \log p_t(x_t)$, whose conditional form is $-\varepsilon/\sigma$ | $(0, -1/\sigma)$ |
-| ``"velocity"`` | $dx_t/dt = \dot\alpha x_0 + \dot\sigma\varepsilon$ (flow matching, PF-ODE) | $(\dot\alpha, \dot\sigma)$ |
+| ``"velocity"`` | $dx_t/dt = \dot\alpha x_0 + \dot\sigma\varepsilon$ (flow matching) | $(\dot\alpha, \dot\sigma)$ |
 
 A network trained by squared error on any of them predicts the conditional expectation of
 that target given $x_t$, and because the map is linear the expectations convert exactly:

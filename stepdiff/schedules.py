@@ -173,8 +173,9 @@ class VPLinearSchedule(Schedule):
 
     $\log\alpha(t) = -\tfrac12\int_0^t\beta = -\tfrac14 t^2(\beta_{\max}-\beta_{\min})
     - \tfrac12 t\beta_{\min}$ and $\sigma = \sqrt{1-\alpha^2}$ (variance preserving).
-    With $\beta_{\min} = 0.1$, $\beta_{\max} = 20$ it matches the linear DDPM schedule of
-    Ho et al. (2020) with $T = 1000$ steps ($\beta_i = \beta(t_i)/T$).
+    With $\beta_{\min} = 0.1$, $\beta_{\max} = 20$ it is the continuous-time limit of the linear
+    DDPM schedule of Ho et al. (2020) with $T = 1000$ steps ($\beta_i = \beta(t_i)/T$): the two
+    agree to first order in $\beta_i$.
     """
 
     beta_min: float = 0.1
