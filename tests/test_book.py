@@ -1,0 +1,92 @@
+"""Static checks of the book's chapters, without executing them.
+
+The chapters are executed by the strict book build (`make book`: every cell runs, any error
+or warning fails it), so they are not run a second time here. These tests catch, in seconds,
+what would otherwise surface only in that build: a chapter that is not a python3 notebook,
+a citation key missing from references.bib, a `literalinclude` of a function that no
+longer exists, a chapter without a numbered equation, an assertion or a closing summary.
+"""
+
+import ast
+import re
+from pathlib import Path
+
+import jupytext
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _toc_files(node) -> list[str]:
+    files = []
+    if isinstance(node, dict):
+        if "file" in node:
+            files.append(node["file"])
+        for value in node.values():
+            files.extend(_toc_files(value))
+    elif isinstance(node, list):
+        for item in node:
+            files.extend(_toc_files(item))
+    return files
+
+
+TOC = yaml.safe_load((ROOT / "_toc.yml").read_text())
+PAGES = [f for f in _toc_files(TOC) if "apidocs" not in f]
+CHAPTERS = [f for f in PAGES if "/part" in f]
+BIB_KEYS = set(re.findall(r"@\w+\{([^,]+),", (ROOT / "book" / "references.bib").read_text()))
+
+
+def test_toc_lists_the_written_chapters():
+    assert TOC["root"] == "book/intro"
+    assert CHAPTERS, "no chapters in _toc.yml"
+    for page in PAGES + [TOC["root"]]:
+        assert (ROOT / f"{page}.md").exists(), f"_toc.yml lists {page} but {page}.md does not exist"
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS)
+def test_chapter_is_a_checked_notebook(chapter):
+    path = ROOT / f"{chapter}.md"
+    text = path.read_text()
+    nb = jupytext.read(path)
+    assert nb.metadata["kernelspec"]["name"] == "python3"
+    code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+    assert "stepdiff" in code, "a chapter imports the package"
+    assert re.search(r"^\s*assert ", code, re.M), "a chapter checks its claims with assertions"
+    assert re.search(r"\$\$\s*\([\w-]+\)", text), "a chapter has a numbered, labelled equation"
+    assert "{eq}`" in text, "a chapter refers to its equations"
+    assert re.search(r"^#+ What to remember", text, re.M), "a chapter ends with what to remember"
+
+
+@pytest.mark.parametrize("page", PAGES + [TOC["root"]])
+def test_citations_exist(page):
+    text = (ROOT / f"{page}.md").read_text()
+    keys = {k.strip() for group in re.findall(r"\{cite(?::\w+)?\}`([^`]+)`", text) for k in group.split(",")}
+    missing = keys - BIB_KEYS
+    assert not missing, f"{page} cites keys missing from book/references.bib: {sorted(missing)}"
+
+
+def _defined_names(source: str) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+            if isinstance(node, ast.ClassDef):
+                names.update(
+                    f"{node.name}.{m.name}" for m in node.body if isinstance(m, (ast.FunctionDef, ast.AsyncFunctionDef))
+                )
+    return names
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS)
+def test_literalincludes_point_at_real_code(chapter):
+    path = ROOT / f"{chapter}.md"
+    text = path.read_text()
+    for match in re.finditer(r"```\{literalinclude\}\s+(\S+)\n((?::[^\n]*\n)*)", text):
+        target = (path.parent / match.group(1)).resolve()
+        assert target.exists(), f"{chapter}: literalinclude of a missing file {match.group(1)}"
+        obj = re.search(r":pyobject:\s*(\S+)", match.group(2))
+        if obj:
+            assert obj.group(1) in _defined_names(target.read_text()), (
+                f"{chapter}: {match.group(1)} defines no {obj.group(1)}"
+            )
