@@ -145,9 +145,12 @@ def _tile_noise(seed_ptr, seed, offset, pid, SEED_IN_MEMORY: tl.constexpr, BLOCK
     cols = tl.arange(0, RUN)[None, :]
     # first is a multiple of BLOCK // 4, a power of two: adding the tile's share cannot carry.
     counter_lo = (first & 0xFFFFFFFF).to(tl.uint32) + (rows * RUN + cols).to(tl.uint32)
-    counter_hi = (first >> 32).to(tl.uint32)
-    offset_lo = (offset & 0xFFFFFFFF).to(tl.uint32)
-    offset_hi = (offset >> 32).to(tl.uint32)
+    # The other three counter words are the same for the whole tile; they are passed as
+    # blocks, as in Triton's own randint4x.
+    zero = counter_lo * 0
+    counter_hi = zero + (first >> 32).to(tl.uint32)
+    offset_lo = zero + (offset & 0xFFFFFFFF).to(tl.uint32)
+    offset_hi = zero + (offset >> 32).to(tl.uint32)
     w0, w1, w2, w3 = tl.philox(seed, counter_lo, counter_hi, offset_lo, offset_hi)
     z0, z1 = _box_muller(w0, w1)
     z2, z3 = _box_muller(w2, w3)
@@ -246,7 +249,9 @@ def affine_step_kernel(
     """
     pid = tl.program_id(0)
     start = pid.to(tl.int64) * BLOCK  # int64: a tensor may hold more than 2**31 elements
-    remaining = tl.minimum(total - start, BLOCK).to(tl.int32)
+    # Elements left from this tile on; "local < remaining" is the tail mask. Kept as the plain
+    # difference so that Triton sees it is a multiple of 16 when total is, and vectorizes.
+    remaining = total - start
     if NOISE == NOISE_FROM_PHILOX:
         z0, z1, z2, z3 = _tile_noise(seed_ptr, seed, offset, pid, SEED_IN_MEMORY, BLOCK)
     for k in tl.static_range(4):
@@ -291,7 +296,7 @@ def noise_add_kernel(
     """
     pid = tl.program_id(0)
     start = pid.to(tl.int64) * BLOCK
-    remaining = tl.minimum(total - start, BLOCK).to(tl.int32)
+    remaining = total - start
     if NOISE == NOISE_FROM_PHILOX:
         e0, e1, e2, e3 = _tile_noise(seed_ptr, seed, offset, pid, SEED_IN_MEMORY, BLOCK)
     for k in tl.static_range(4):
@@ -322,7 +327,7 @@ def philox_normal_kernel(
     """The noise alone: ``total`` standard normals, as the two kernels above draw them."""
     pid = tl.program_id(0)
     start = pid.to(tl.int64) * BLOCK
-    remaining = tl.minimum(total - start, BLOCK).to(tl.int32)
+    remaining = total - start
     z0, z1, z2, z3 = _tile_noise(seed_ptr, seed, offset, pid, SEED_IN_MEMORY, BLOCK)
     for k in tl.static_range(4):
         local = _run_index(k, BLOCK)
