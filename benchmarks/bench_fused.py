@@ -166,9 +166,7 @@ def time_kernel(kernel: str, shape, dtype: torch.dtype, bench, use_compile: bool
         else:
             fns = {
                 "triton": lambda: affine_step(x, pred, c_x, c_pred, c_noise, generator=g),
-                "triton-kernel": lambda: affine_step_triton(
-                    x, pred, c_x, c_pred, c_noise, seed=state
-                ),
+                "triton-kernel": lambda: affine_step_triton(x, pred, c_x, c_pred, c_noise, seed=state),
                 "eager": lambda: eager_affine_step_noise(x, pred, c_x, c_pred, c_noise),
             }
             eager, args = eager_affine_step_noise, (x, pred, c_x, c_pred, c_noise)

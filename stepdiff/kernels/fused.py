@@ -83,13 +83,9 @@ def resolve_backend(x: Tensor, backend: str | None = None, *others: Tensor | Non
         return "torch"
     if not dtypes_ok:
         found = sorted({str(t.dtype) for t in (x, *others) if t is not None})
-        raise TypeError(
-            f"the Triton kernels take float32, float16 or bfloat16; got {', '.join(found)}"
-        )
+        raise TypeError(f"the Triton kernels take float32, float16 or bfloat16; got {', '.join(found)}")
     if not (x.is_cuda or x.device.type == "cpu"):
-        raise ValueError(
-            f"the Triton kernels run on CUDA tensors (or the CPU, interpreted); got {x.device}"
-        )
+        raise ValueError(f"the Triton kernels run on CUDA tensors (or the CPU, interpreted); got {x.device}")
     module = _triton_module()
     if module is None:
         raise RuntimeError("backend='triton' was requested but Triton cannot be imported")
@@ -108,9 +104,7 @@ def _check_tensor(name: str, t: Tensor, like: Tensor | None = None) -> None:
         raise TypeError(f"{name} must be a floating-point tensor; got dtype {t.dtype}")
     if like is not None:
         if t.shape != like.shape:
-            raise ValueError(
-                f"{name} must have the shape of x, {tuple(like.shape)}; got {tuple(t.shape)}"
-            )
+            raise ValueError(f"{name} must have the shape of x, {tuple(like.shape)}; got {tuple(t.shape)}")
         if t.device != like.device:
             raise ValueError(f"{name} is on {t.device} but x is on {like.device}")
 
@@ -127,10 +121,7 @@ def _coefficient(name: str, c, x: Tensor):
         raise TypeError(f"{name} must be a floating-point tensor; got dtype {c.dtype}")
     batch = x.shape[0] if x.ndim else 1
     if c.ndim > 1 or (c.ndim == 1 and c.shape[0] != batch):
-        raise ValueError(
-            f"{name} must be a scalar or have shape [{batch}] (one per sample); "
-            f"got {tuple(c.shape)}"
-        )
+        raise ValueError(f"{name} must be a scalar or have shape [{batch}] (one per sample); got {tuple(c.shape)}")
     if c.device != x.device:
         if c.ndim == 0 and c.device.type == "cpu":
             return float(c)  # reading a CPU scalar needs no device synchronisation
@@ -150,9 +141,7 @@ def _check_seed(seed, offset: int, x: Tensor) -> None:
         if offset:
             raise ValueError("offset comes from the seed tensor; do not pass it separately")
     elif isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(
-            f"seed must be an int or an int64 tensor [seed, offset]; got {type(seed).__name__}"
-        )
+        raise TypeError(f"seed must be an int or an int64 tensor [seed, offset]; got {type(seed).__name__}")
     elif not (0 <= seed <= _SEED_HIGH and 0 <= offset <= _SEED_HIGH):
         raise ValueError(f"seed and offset must lie in [0, 2**63 - 1]; got {seed}, {offset}")
 
@@ -161,18 +150,14 @@ def _check_generator(generator, x: Tensor) -> None:
     if generator is None:
         return
     if not isinstance(generator, torch.Generator):
-        raise TypeError(
-            f"generator must be a torch.Generator or None; got {type(generator).__name__}"
-        )
+        raise TypeError(f"generator must be a torch.Generator or None; got {type(generator).__name__}")
     if generator.device.type != x.device.type:
         raise ValueError(f"generator is on {generator.device} but x is on {x.device}")
 
 
 def _device_seed(x: Tensor, generator: torch.Generator | None) -> Tensor:
     """A fresh Philox ``[seed, offset]`` drawn on the data's device: no host sync, capturable."""
-    return torch.randint(
-        0, _SEED_HIGH, (2,), generator=generator, device=x.device, dtype=torch.int64
-    )
+    return torch.randint(0, _SEED_HIGH, (2,), generator=generator, device=x.device, dtype=torch.int64)
 
 
 def _reference_noise(x: Tensor, seed, offset: int, generator) -> Tensor:
@@ -208,9 +193,7 @@ def affine_step(
     """
     _check_tensor("x", x)
     _check_tensor("pred", pred, x)
-    c_x, c_pred, c_noise = (
-        _coefficient(n, c, x) for n, c in (("c_x", c_x), ("c_pred", c_pred), ("c_noise", c_noise))
-    )
+    c_x, c_pred, c_noise = (_coefficient(n, c, x) for n, c in (("c_x", c_x), ("c_pred", c_pred), ("c_noise", c_noise)))
     if c_x is None or c_pred is None:
         raise TypeError("c_x and c_pred are required")
     if clamp is not None and not clamp >= 0:
@@ -284,9 +267,7 @@ def noise_add(
     if resolve_backend(x0, backend, noise) == "triton":
         if noise is None and seed is None:
             seed = _device_seed(x0, generator)
-        return _triton_module().noise_add_triton(
-            x0, a, s, c0, c1, noise=noise, seed=seed, offset=offset
-        )
+        return _triton_module().noise_add_triton(x0, a, s, c0, c1, noise=noise, seed=seed, offset=offset)
     if noise is None:
         noise = _reference_noise(x0, seed, offset, generator)
     return noise_add_reference(x0, a, s, noise, c0, c1)

@@ -228,7 +228,9 @@ def _coefficient(ptr, value, stride, b0, b1, second, KIND: tl.constexpr, SAMPLES
 # --- the kernels -------------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["seed", "offset"])
+# Pointers that only feed scalar loads are not specialized on alignment: the samplers pass
+# views c[i] whose alignment changes from step to step, which would compile twice.
+@triton.jit(do_not_specialize=["cx_ptr", "cp_ptr", "cz_ptr", "seed_ptr", "seed", "offset"])
 def affine_step_kernel(
     x_ptr, pred_ptr, noise_ptr, out_ptr,
     cx_ptr, cx_value, cx_stride,
@@ -275,7 +277,7 @@ def affine_step_kernel(
         tl.store(out_ptr + start + local, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit(do_not_specialize=["seed", "offset"])
+@triton.jit(do_not_specialize=["a_ptr", "s_ptr", "c0_ptr", "c1_ptr", "seed_ptr", "seed", "offset"])
 def noise_add_kernel(
     x0_ptr, noise_ptr, xt_ptr, target_ptr,
     a_ptr, a_value, a_stride,
@@ -320,10 +322,8 @@ def noise_add_kernel(
         tl.store(target_ptr + start + local, target.to(target_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit(do_not_specialize=["seed", "offset"])
-def philox_normal_kernel(
-    out_ptr, seed_ptr, seed, offset, total, SEED_IN_MEMORY: tl.constexpr, BLOCK: tl.constexpr
-):
+@triton.jit(do_not_specialize=["seed_ptr", "seed", "offset"])
+def philox_normal_kernel(out_ptr, seed_ptr, seed, offset, total, SEED_IN_MEMORY: tl.constexpr, BLOCK: tl.constexpr):
     """The noise alone: ``total`` standard normals, as the two kernels above draw them."""
     pid = tl.program_id(0)
     start = pid.to(tl.int64) * BLOCK
@@ -340,9 +340,7 @@ def philox_normal_kernel(
 _MAX_SEED = 2**63 - 1
 
 
-def launch_config(
-    total: int, dtype: torch.dtype, block: int | None = None, num_warps: int | None = None
-):
+def launch_config(total: int, dtype: torch.dtype, block: int | None = None, num_warps: int | None = None):
     """``(BLOCK, num_warps)`` for ``total`` elements of ``dtype``.
 
     By default each thread moves 16 bytes per run (one vector load or store) with 4 warps:
@@ -379,9 +377,7 @@ def _samples_mode(coefficients, n: int, block: int):
 
 def _check_data(name: str, t: Tensor, like: Tensor | None) -> None:
     if t.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(
-            f"the Triton kernels take float32, float16 or bfloat16; {name} is {t.dtype}"
-        )
+        raise TypeError(f"the Triton kernels take float32, float16 or bfloat16; {name} is {t.dtype}")
     if like is not None:
         if t.shape != like.shape:
             raise ValueError(f"{name} must have shape {tuple(like.shape)}; got {tuple(t.shape)}")
@@ -389,8 +385,7 @@ def _check_data(name: str, t: Tensor, like: Tensor | None) -> None:
             raise ValueError(f"{name} is on {t.device} but the data are on {like.device}")
     if not t.is_contiguous():
         raise ValueError(
-            f"{name} must be contiguous (strides {t.stride()} for shape {tuple(t.shape)}); "
-            f"pass {name}.contiguous()"
+            f"{name} must be contiguous (strides {t.stride()} for shape {tuple(t.shape)}); pass {name}.contiguous()"
         )
 
 
@@ -398,9 +393,7 @@ def _coefficient_args(name: str, c, x: Tensor, batch: int):
     """``(pointer, value, stride, kind)`` for a float, a 0-d tensor or a ``[B]`` tensor."""
     if isinstance(c, Tensor):
         if c.ndim > 1 or (c.ndim == 1 and c.shape[0] != batch):
-            raise ValueError(
-                f"{name} must be a scalar or have shape [{batch}]; got {tuple(c.shape)}"
-            )
+            raise ValueError(f"{name} must be a scalar or have shape [{batch}]; got {tuple(c.shape)}")
         if c.device != x.device:
             raise ValueError(f"{name} is on {c.device} but the data are on {x.device}")
         if not c.is_floating_point():
@@ -425,9 +418,7 @@ def _seed_args(seed, offset: int, x: Tensor):
             raise ValueError("offset comes from the seed tensor; do not pass it separately")
         return seed, 0, 0, True
     if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(
-            f"seed must be an int or an int64 tensor [seed, offset]; got {type(seed).__name__}"
-        )
+        raise TypeError(f"seed must be an int or an int64 tensor [seed, offset]; got {type(seed).__name__}")
     if not (0 <= seed <= _MAX_SEED and 0 <= offset <= _MAX_SEED):
         raise ValueError(f"seed and offset must lie in [0, 2**63 - 1]; got {seed}, {offset}")
     return x, seed, offset, False

@@ -43,11 +43,7 @@ def _per_sample64(c, x):
 
 def assert_close_to_float64(y, y64, scale, dtype):
     """|y - y64| <= u_out |y64| + 4 u_32 S (+ 2**-25 in fp16); see tests/kernels/test_fused.py."""
-    bound = (
-        UNIT_ROUNDOFF[dtype] * y64.abs()
-        + 4 * 2.0**-24 * scale
-        + (2.0**-25 if dtype == torch.float16 else 0.0)
-    )
+    bound = UNIT_ROUNDOFF[dtype] * y64.abs() + 4 * 2.0**-24 * scale + (2.0**-25 if dtype == torch.float16 else 0.0)
     error = (y.double() - y64).abs()
     worst = float((error - bound).max())
     assert worst <= 0, f"error exceeds the bound by {worst:.3g} (max {float(error.max()):.3g})"
@@ -72,9 +68,7 @@ def test_affine_step_matches_float64(dtype, shape):
     assert_close_to_float64(y, y64, scale, dtype)
 
     y = affine_step(x, pred, c_x, c_pred)  # deterministic: DDIM with eta = 0, Euler
-    assert_close_to_float64(
-        y, cx64 * x64 + cp64 * p64, (cx64 * x64).abs() + (cp64 * p64).abs(), dtype
-    )
+    assert_close_to_float64(y, cx64 * x64 + cp64 * p64, (cx64 * x64).abs() + (cp64 * p64).abs(), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -87,9 +81,7 @@ def test_noise_add_matches_float64(dtype, shape):
     x64, e64 = x0.double(), eps.double()
     a64, s64 = _per_sample64(a, x0), _per_sample64(s, x0)
     x_t, v = noise_add(x0, a, s, -s, a, noise=eps)  # the v target
-    assert_close_to_float64(
-        x_t, a64 * x64 + s64 * e64, (a64 * x64).abs() + (s64 * e64).abs(), dtype
-    )
+    assert_close_to_float64(x_t, a64 * x64 + s64 * e64, (a64 * x64).abs() + (s64 * e64).abs(), dtype)
     assert_close_to_float64(v, a64 * e64 - s64 * x64, (a64 * e64).abs() + (s64 * x64).abs(), dtype)
 
 

@@ -84,9 +84,7 @@ def assert_close_to_float64(y, y64, scale, dtype):
     bound = u_out * y64.abs() + 4 * 2.0**-24 * scale + (2.0**-25 if dtype == torch.float16 else 0.0)
     error = (y.double() - y64).abs()
     worst = (error - bound).max()
-    assert worst <= 0, (
-        f"error exceeds the bound by {float(worst):.3g} (max error {float(error.max()):.3g})"
-    )
+    assert worst <= 0, f"error exceeds the bound by {float(worst):.3g} (max error {float(error.max()):.3g})"
 
 
 # --- the update and the forward noising against float64 ----------------------------------------
@@ -241,8 +239,7 @@ def test_noise_depends_only_on_seed_offset_and_element():
     x, pred = _randn(shape, seed=22), _randn(shape, seed=23)
     zero = torch.zeros_like(x)
     runs = [
-        ft.affine_step_triton(zero, pred, 0.0, 0.0, 1.0, seed=5, offset=9, block=block)
-        for block in (128, 512, 2048)
+        ft.affine_step_triton(zero, pred, 0.0, 0.0, 1.0, seed=5, offset=9, block=block) for block in (128, 512, 2048)
     ]
     assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
     flat = ft.philox_normal_triton((2100,), 5, 9, device=DEVICE, block=256)
