@@ -21,7 +21,8 @@ when a Triton path is taken.
   {py:func}`stepdiff.kernels.reference.philox_normal_reference`, the same on every backend (to
   float32 rounding) and for any launch configuration;
 - ``seed`` as an int64 tensor ``[seed, offset]`` on the data's device is read by the kernel
-  at run time, so a CUDA graph that advances it on the device draws new noise on each replay;
+  at run time, so a CUDA graph that advances it on the device draws new noise on each replay
+  (the reference path reads it on the host instead, which a graph cannot capture);
 - else ``generator`` (a ``torch.Generator`` on the data's device, or ``None`` for the global
   one). On the Triton path each call draws a fresh ``[seed, offset]`` pair on the device with
   ``torch.randint(..., generator=generator)``: one small extra kernel, no host
