@@ -210,7 +210,8 @@ class _Run:
         if not isinstance(out, Tensor) or out.shape != x.shape:
             shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
             raise ValueError(f"the model returned {shape} for x of shape {tuple(x.shape)}; it must match")
-        return out.to(x.dtype)
+        # The fused step reads flat memory: a channels-last or sliced output is made dense.
+        return out.to(x.dtype).contiguous()
 
     def x0_hat(self, pred: Tensor, x: Tensor, i: int) -> Tensor:
         """$\\hat x_0$ from the model's prediction at step ``i``."""
