@@ -286,8 +286,7 @@ def mixture_1d(
     """
     if not len(means) == len(stds) == len(weights) >= 1:
         raise ValueError(
-            f"means, stds and weights must have the same positive length; got "
-            f"{len(means)}, {len(stds)}, {len(weights)}"
+            f"means, stds and weights must have the same positive length; got {len(means)}, {len(stds)}, {len(weights)}"
         )
     if any(not s >= 0 for s in stds):
         raise ValueError(f"stds must be >= 0; got {stds}")
@@ -364,10 +363,7 @@ def load_image_folder(path: str | Path, size: int, channels: int = 3) -> ImageSe
     top_files = _image_files(root)
     subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if top_files and subdirs:
-        raise ValueError(
-            f"{root} holds both image files and sub-folders; use one sub-folder per class, "
-            "or only files"
-        )
+        raise ValueError(f"{root} holds both image files and sub-folders; use one sub-folder per class, or only files")
     groups = [("", top_files)] if top_files else [(d.name, _image_files(d)) for d in subdirs]
     files = [(label, f) for label, (_, fs) in enumerate(groups) for f in fs]
     if not files:

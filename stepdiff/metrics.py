@@ -25,6 +25,8 @@ def _flat(s: Tensor, name: str, min_n: int) -> Tensor:
         raise ValueError(f"{name} must be a tensor of shape [n, ...]; got {type(s).__name__}")
     if s.shape[0] < min_n:
         raise ValueError(f"{name} needs at least {min_n} points; got shape {tuple(s.shape)}")
+    if not bool(torch.isfinite(s).all()):
+        raise ValueError(f"{name} holds NaN or infinite values")
     return s.reshape(s.shape[0], -1).to(f64)
 
 
@@ -33,8 +35,7 @@ def _flat_pair(x: Tensor, y: Tensor, names: tuple[str, str] = ("x", "y"), min_n:
     a, b = _flat(x, names[0], min_n), _flat(y, names[1], min_n)
     if x.shape[1:] != y.shape[1:]:
         raise ValueError(
-            f"{names[0]} and {names[1]} must hold points of the same shape; "
-            f"got {tuple(x.shape)} and {tuple(y.shape)}"
+            f"{names[0]} and {names[1]} must hold points of the same shape; got {tuple(x.shape)} and {tuple(y.shape)}"
         )
     if x.device != y.device:
         raise ValueError(f"{names[0]} is on {x.device} but {names[1]} is on {y.device}")
@@ -59,9 +60,7 @@ def median_bandwidth(x: Tensor, y: Tensor) -> Tensor:
     return d2[i, j].median().sqrt()
 
 
-def mmd(
-    x: Tensor, y: Tensor, bandwidth: float | Tensor | None = None, *, unbiased: bool = False
-) -> Tensor:
+def mmd(x: Tensor, y: Tensor, bandwidth: float | Tensor | None = None, *, unbiased: bool = False) -> Tensor:
     r"""The squared maximum mean discrepancy $\mathrm{MMD}^2(x, y)$ with a Gaussian kernel.
 
     Kernel $k(a, b) = \exp\!\big(-\|a - b\|^2 / (2h^2)\big)$, with bandwidth $h$ = ``bandwidth``

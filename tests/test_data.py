@@ -50,7 +50,7 @@ def test_spiral_lies_on_its_curve_without_noise():
     r = x.norm(dim=1)
     theta_max = 2 * math.pi * 2.0
     theta = theta_max * r / 2.0  # r = R theta / theta_max
-    back = (r[:, None] * torch.stack([torch.cos(theta), torch.sin(theta)], 1))
+    back = r[:, None] * torch.stack([torch.cos(theta), torch.sin(theta)], 1)
     assert torch.allclose(back, x, atol=1e-4)
     # theta = theta_max sqrt(u): (r / R)^2 is uniform on [0, 1], mean 1/2, sd 1/sqrt(12).
     u = (r / 2.0) ** 2

@@ -108,6 +108,8 @@ def test_mmd_flattens_images_and_checks_inputs():
         mmd(torch.zeros(1, 2), torch.zeros(5, 2))
     with pytest.raises(ValueError, match="bandwidth"):
         mmd(a, b, bandwidth=0.0)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        mmd(a, b.clone().fill_(float("nan")))
     with pytest.raises(ValueError, match="bandwidth 0"):
         mmd(torch.zeros(5, 2), torch.zeros(5, 2))
 
