@@ -395,6 +395,7 @@ def train(
     """
     _check_batch(data)
     N = data.shape[0]
+    custom_loss = loss_fn is not None
     if loss_fn is None:
         if schedule is None:
             raise ValueError("pass the schedule (or a loss_fn)")
@@ -424,6 +425,8 @@ def train(
         "grad_clip": grad_clip,
         "ema_decay": ema_decay,
         "label_dropout": label_dropout,
+        # A custom loss_fn cannot be compared; the default loss is named by its arguments.
+        "loss": None if custom_loss else f"{schedule!r}, prediction={prediction!r}, weighting={weighting is not None}",
     }
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     ema = EMA(model, ema_decay)
@@ -482,7 +485,7 @@ def train(
         bar.close()
     if checkpoint is not None:
         save_checkpoint(checkpoint, model, optimizer, ema, steps, losses, settings)
-    return TrainResult(model, ema, optimizer, losses, max(start, steps))
+    return TrainResult(model, ema, optimizer, losses, steps)
 
 
 def _default_loss(schedule: Schedule, prediction: str, weighting: Weighting | None) -> LossFn:

@@ -39,10 +39,11 @@ def test_toys_reject_bad_arguments(fn):
 
 
 def test_global_generator_is_used_without_a_seed():
-    torch.manual_seed(11)
-    a = D.spiral(50)
-    torch.manual_seed(11)
-    assert torch.equal(a, D.spiral(50))
+    with torch.random.fork_rng():
+        torch.manual_seed(11)
+        a = D.spiral(50)
+        torch.manual_seed(11)
+        assert torch.equal(a, D.spiral(50))
 
 
 def test_spiral_lies_on_its_curve_without_noise():

@@ -374,6 +374,8 @@ def test_periodic_checkpoints_and_resume_guards(tmp_path):
     assert load_checkpoint(path, seeded_mlp(**SMALL))["step"] == 9
     with pytest.raises(ValueError, match="settings differ"):
         train(seeded_mlp(**SMALL), TOY, schedule, prediction="velocity", steps=20, batch_size=64, resume=path)
+    with pytest.raises(ValueError, match="settings differ"):
+        train(seeded_mlp(**SMALL), TOY, schedule, prediction="x0", steps=20, batch_size=32, resume=path)
     with pytest.raises(ValueError, match="already at step"):
         train(seeded_mlp(**SMALL), TOY, schedule, prediction="velocity", steps=5, batch_size=32, resume=path)
 
@@ -428,42 +430,54 @@ def test_train_errors():
 # --- end to end: issue 4's "Done when" ---------------------------------------------------------
 #
 # Data: eight Gaussians (radius 2, sd 0.2), 10 000 training points. The trained model samples
-# 2 000 points from a fixed N(0, I) (N(0, sigma_q^2 I) on the VE process) start, compared with
-# 2 000 fresh points of the true law. Calibration (these seeds, uncontended 2-core CPU):
+# 2 000 points from a fixed N(0, I) start (N(0, sigma_q^2 I) on the VE process), compared with
+# 2 000 fresh points of the true law. Calibration (these seeds; training on one thread):
 #
-# - floor: two independent samples of the true law: SW2 0.05-0.08, MMD^2 about 1e-4;
-# - trained (1000-1500 steps, 7-12 s each): SW2 0.07-0.15, MMD^2 <= 5e-4, every mode's
-#   weight within 0.02 of 1/8, 63-88% of the points within 3 sd (0.6) of a mode;
-# - untrained network, same samplers: SW2 0.6-200, MMD^2 0.07-0.35, < 20% near a mode;
-# - broken samplers (sign of the velocity flipped as in the tutorial's convention, or the
-#   prediction type mislabelled): SW2 above 0.5.
+# - floor, two independent samples of the true law: SW2 0.071, MMD^2 1.5e-4, 98.7% near a mode;
+# - trained (1000-1500 steps, 7.5-13.4 CPU seconds each): SW2 0.071-0.142, MMD^2 <= 4.6e-4, each mode's
+#   weight within 0.022 of 1/8, 63-88% of the points within 3 sd (0.6) of a mode;
+# - the untrained network, same samplers: SW2 0.38-1.40, MMD^2 9e-3-0.29, at most 35% near a
+#   mode, the worst mode weight 0.07-0.59 away from 1/8;
+# - broken samplers (velocity sign flipped as in the tutorial's convention, the prediction type
+#   mislabelled, 2 Euler steps instead of 50): SW2 0.44-1.7, MMD^2 0.03-0.3.
 #
-# The bounds (SW2 < 0.2 or 0.3 as stated, MMD^2 < 2e-3, mode weights within 0.04 of 1/8, the
-# near-mode fraction above a floor) sit between the two groups with a factor of 2 or more on
-# either side, so neither a correct run fails by chance nor a broken one passes.
+# The bounds (SW2 < 0.2, or 0.3 for the tutorial's samplers; MMD^2 < 2e-3; every mode weight
+# within 0.04 of 1/8; a floor on the near-mode fraction) sit between the two groups: MMD^2 has
+# a factor of 4 on either side, SW2 at least 1.7, so neither a correct run fails by chance nor
+# a broken one passes. (The Pseudocode 1 model has its own, looser bounds: see its test.)
 
 EIGHT = D.eight_gaussians_mixture()
 CENTERS = EIGHT.means.float()
 TRAIN_SET = D.eight_gaussians(10_000, generator=1)
 REFERENCE = D.eight_gaussians(2_000, generator=2)
-TIME_LIMIT = 60.0
+TIME_LIMIT = 60.0  # CPU seconds of one thread
 
 
 def train_timed(schedule, prediction=None, steps=1000, loss_fn=None):
-    model = seeded_mlp(0, hidden=64)
-    start = time.perf_counter()
-    result = train(
-        model,
-        TRAIN_SET,
-        schedule,
-        prediction=prediction or "eps",
-        loss_fn=loss_fn,
-        steps=steps,
-        lr=5e-3,
-        ema_decay=0.99,
-        seed=0,
-    )
-    return result, time.perf_counter() - start
+    """Train the e2e model; return the result and the CPU seconds the training took.
+
+    It runs on one thread (this small MLP is no faster on two) and is timed by process CPU
+    time, so the 'under a minute' check measures the work and not other jobs sharing the CPU.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = seeded_mlp(0, hidden=64)
+        start = time.process_time()
+        result = train(
+            model,
+            TRAIN_SET,
+            schedule,
+            prediction=prediction or "eps",
+            loss_fn=loss_fn,
+            steps=steps,
+            lr=5e-3,
+            ema_decay=0.99,
+            seed=0,
+        )
+        return result, time.process_time() - start
+    finally:
+        torch.set_num_threads(threads)
 
 
 def start_noise(scale=1.0):
@@ -545,6 +559,35 @@ def test_tutorial_x0_model_lands_on_the_data(ve_run, name):
     with torch.no_grad():
         x = fn(result.ema.model, start_noise(3.0), VESchedule(3.0), time_grid(100), prediction="x0", **kw)
     assert_close_to_data(distances(x), sw2_bound=0.3, near_floor=0.5)
+
+
+@pytest.fixture(scope="module")
+def mean_run():
+    ve, dt = VESchedule(3.0), 1 / 50
+    loss = lambda m, x0, y, g: tutorial_ddpm_loss(m, x0, ve, dt, generator=g)  # noqa: E731
+    return train_timed(ve, loss_fn=loss, steps=1500)
+
+
+@pytest.mark.parametrize("name", ["ddpm_tutorial", "ddim_tutorial"])
+def test_tutorial_mean_model_lands_on_the_data(mean_run, name):
+    """Pseudocode 1 (regress x_t on x_{t+dt}, dt = 1/50, sigma_q = 3), 1500 steps: the network
+    is the one-step mean E[x_{t-dt} | x_t], used as is by Pseudocode 2 (DDPM) and Pseudocode 3
+    (DDIM) with prediction="mean". Its targets are noisy (the variance reduction of Pseudocode 6
+    is missing) and the printed DDPM adds noise of sd 3 sqrt(1/50) = 0.42 at its last step, so
+    the bounds are looser: measured SW2 0.24 / 0.23, MMD^2 1.1e-3 / 4.4e-3, against the untrained
+    network's SW2 0.86 / 1.44, MMD^2 0.17 / 0.29."""
+    result, seconds = mean_run
+    assert seconds < TIME_LIMIT
+    fn = SM.sample_ddpm_tutorial if name == "ddpm_tutorial" else SM.sample_ddim_tutorial
+    kw = {"generator": 7} if name == "ddpm_tutorial" else {}
+    with torch.no_grad():
+        x = fn(result.ema.model, start_noise(3.0), VESchedule(3.0), time_grid(50), prediction="mean", **kw)
+        untrained = fn(
+            seeded_mlp(0, hidden=64), start_noise(3.0), VESchedule(3.0), time_grid(50), prediction="mean", **kw
+        )
+    d, u = distances(x), distances(untrained)
+    assert d["sw2"] < 0.4 and d["mmd2"] < 1e-2 and d["mode_dev"] < 0.05, d
+    assert u["sw2"] > 0.8 and u["mmd2"] > 0.1, u
 
 
 def test_the_bounds_reject_untrained_models_and_broken_samplers(flow_run):
