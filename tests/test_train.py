@@ -37,6 +37,16 @@ from stepdiff.train import (
 f64 = torch.float64
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Run this module on one thread: its small networks are as fast on one as on two, and a
+    single thread does not spin-wait for a partner when other jobs share the CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def seeded_mlp(seed=0, **config):
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -456,28 +466,23 @@ TIME_LIMIT = 60.0  # CPU seconds of one thread
 def train_timed(schedule, prediction=None, steps=1000, loss_fn=None):
     """Train the e2e model; return the result and the CPU seconds the training took.
 
-    It runs on one thread (this small MLP is no faster on two) and is timed by process CPU
-    time, so the 'under a minute' check measures the work and not other jobs sharing the CPU.
+    Timed by process CPU time (on one thread, see ``one_thread``), so the 'under a minute'
+    check measures the work and not other jobs sharing the CPU.
     """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        model = seeded_mlp(0, hidden=64)
-        start = time.process_time()
-        result = train(
-            model,
-            TRAIN_SET,
-            schedule,
-            prediction=prediction or "eps",
-            loss_fn=loss_fn,
-            steps=steps,
-            lr=5e-3,
-            ema_decay=0.99,
-            seed=0,
-        )
-        return result, time.process_time() - start
-    finally:
-        torch.set_num_threads(threads)
+    model = seeded_mlp(0, hidden=64)
+    start = time.process_time()
+    result = train(
+        model,
+        TRAIN_SET,
+        schedule,
+        prediction=prediction or "eps",
+        loss_fn=loss_fn,
+        steps=steps,
+        lr=5e-3,
+        ema_decay=0.99,
+        seed=0,
+    )
+    return result, time.process_time() - start
 
 
 def start_noise(scale=1.0):
