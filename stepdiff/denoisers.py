@@ -115,7 +115,12 @@ class GaussianMixture:
         self, n: int, generator: torch.Generator | int | None = None, return_labels: bool = False
     ) -> Tensor | tuple[Tensor, Tensor]:
         """``n`` draws from $p_0$ (float64, ``[n, d]``); optionally their component labels."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"n must be a non-negative integer; got {n!r}")
         g = _as_generator(generator)
+        if n == 0:
+            empty = torch.empty(0, self.dim, dtype=f64)
+            return (empty, torch.empty(0, dtype=torch.long)) if return_labels else empty
         labels = torch.multinomial(self.weights, n, replacement=True, generator=g)
         z = torch.randn(n, self.dim, generator=g, dtype=f64) * self.eigvals[labels].sqrt()
         if self.eigvecs is not None:

@@ -53,9 +53,10 @@ def add_noise(
     t = _per_sample_time(t, x0)
     A, B = target_coefficients(schedule, t, prediction)
     a, s = schedule.alpha(t), schedule.sigma(t)
-    f32 = torch.float32
+    # The kernels compute in float32; float64 data keep float64 coefficients (the reference path).
+    cdtype = torch.float64 if x0.dtype == torch.float64 else torch.float32
     return noise_add(
-        x0, a.to(f32), s.to(f32), A.to(f32), B.to(f32), noise=noise, generator=generator
+        x0, a.to(cdtype), s.to(cdtype), A.to(cdtype), B.to(cdtype), noise=noise, generator=generator
     )
 
 

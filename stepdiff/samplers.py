@@ -22,6 +22,13 @@ The families:
 - ODE solvers for the probability-flow ODE / flow matching, $dx/dt = \dot\alpha\hat x_0 +
   \dot\sigma\hat\varepsilon$: :func:`sample_euler`, :func:`sample_midpoint`, :func:`sample_heun`;
 - :func:`sample_dpmpp_2m`, DPM-Solver++(2M) (Lu et al. 2022).
+
+A caution on parametrizations near pure noise: turning an $\varepsilon$-prediction into
+$\hat x_0 = (x_t - \sigma\hat\varepsilon)/\alpha$ divides by $\alpha(t)$, which is tiny at the start
+of a variance-preserving schedule (0.0064 for DDPM's linear $\beta$ at $t = 1$, exactly 0 for
+the cosine schedule), so any error of the network is amplified by $1/\alpha$ in the first
+deterministic steps. Start such samplers a little below $t = 1$, or use a model that predicts
+$x_0$, $v$ or the velocity, which stay bounded there.
 """
 
 from __future__ import annotations
