@@ -17,6 +17,17 @@ from stepdiff.schedules import FlowMatchingSchedule, VESchedule, VPLinearSchedul
 
 f64 = torch.float64
 
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Run this module on one thread: its tensors are tiny, and a single thread does not
+    spin-wait for a partner when other jobs share the CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 GAUSS = gaussian(torch.tensor([0.7, -1.2], dtype=f64), torch.tensor([[0.5, 0.2], [0.2, 0.3]], dtype=f64))
 MIXTURE = GaussianMixture(
     torch.tensor([[-1.5, 0.0], [1.0, 1.0], [0.5, -1.5]], dtype=f64),
