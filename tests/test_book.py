@@ -90,3 +90,16 @@ def test_literalincludes_point_at_real_code(chapter):
             assert obj.group(1) in _defined_names(target.read_text()), (
                 f"{chapter}: {match.group(1)} defines no {obj.group(1)}"
             )
+
+
+@pytest.mark.parametrize("page", ["README.md", "book/intro.md"])
+def test_the_quick_start_examples_run(page):
+    """The Python examples shown to a new user (README, introduction) run as printed."""
+    text = (ROOT / page).read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert blocks, f"{page} has no python example"
+    for block in blocks:
+        scope: dict = {}
+        exec(compile(block, page, "exec"), scope)
+        if "x0" in scope:
+            assert scope["x0"].shape == (1000, 2)
