@@ -128,8 +128,9 @@ class GaussianMixture:
         x = self.means[labels] + z
         return (x, labels) if return_labels else x
 
-    def _time_terms(self, x: Tensor, t: Tensor | float, schedule: Schedule):
-        """Shared pieces at time(s) t: alpha, sigma [n,1,1], z = U^T(x - alpha m) [n,K,d], var [n,K,d]."""
+    def _component_terms(self, x: Tensor, t: Tensor | float, schedule: Schedule):
+        """At time(s) t: alpha [n,1,1], z = U^T(x - alpha m) [n,K,d], var = alpha^2 lambda + sigma^2
+        [n,K,d], and log N(x; alpha m_k, alpha^2 C_k + sigma^2 I) + log pi_k [n,K]."""
         t = check_time(t).to(f64)
         if t.ndim > 1 or (t.ndim == 1 and t.shape[0] != x.shape[0]):
             raise ValueError(f"t must be a scalar or have shape [{x.shape[0]}]; got {tuple(t.shape)}")
@@ -138,7 +139,8 @@ class GaussianMixture:
         y = x[:, None, :] - alpha * self.means[None]
         z = y if self.eigvecs is None else torch.einsum("kji,nkj->nki", self.eigvecs, y)
         var = alpha**2 * self.eigvals[None] + sigma**2
-        return alpha, sigma, z, var
+        log_joint = -0.5 * (z**2 / var + torch.log(2 * math.pi * var)).sum(-1) + torch.log(self.weights)[None]
+        return alpha, z, var, log_joint
 
     def _check_x(self, x: Tensor) -> Tensor:
         if x.ndim != 2 or x.shape[1] != self.dim:
@@ -155,23 +157,18 @@ class GaussianMixture:
             from .schedules import VESchedule
 
             schedule, t = VESchedule(1.0), 0.0
-        _, _, z, var = self._time_terms(x, t, schedule)
-        comp = -0.5 * (z**2 / var).sum(-1) - 0.5 * torch.log(2 * math.pi * var).sum(-1)
-        return torch.logsumexp(comp + torch.log(self.weights)[None], dim=-1)
+        return torch.logsumexp(self._component_terms(x, t, schedule)[3], dim=-1)
 
     def posterior_weights(self, x: Tensor, t: Tensor | float, schedule: Schedule) -> Tensor:
         r"""$w_k(x_t) = p(k \mid x_t)$, shape ``[n, K]``."""
         x = self._check_x(x)
-        _, _, z, var = self._time_terms(x, t, schedule)
-        comp = -0.5 * (z**2 / var).sum(-1) - 0.5 * torch.log(var).sum(-1)
-        return torch.softmax(comp + torch.log(self.weights)[None], dim=-1)
+        return torch.softmax(self._component_terms(x, t, schedule)[3], dim=-1)
 
     def denoise(self, x: Tensor, t: Tensor | float, schedule: Schedule) -> Tensor:
         r"""$\mathbb E[x_0 \mid x_t = x]$ (float64, ``[n, d]``); see the module docstring."""
         x = self._check_x(x)
-        alpha, _, z, var = self._time_terms(x, t, schedule)
-        comp = -0.5 * (z**2 / var).sum(-1) - 0.5 * torch.log(var).sum(-1)
-        w = torch.softmax(comp + torch.log(self.weights)[None], dim=-1)
+        alpha, z, var, log_joint = self._component_terms(x, t, schedule)
+        w = torch.softmax(log_joint, dim=-1)
         # E[x0 | x_t, k] - m_k = alpha U diag(lambda / var) U^T (x_t - alpha m_k).
         shrunk = alpha * self.eigvals[None] / var * z
         if self.eigvecs is not None:

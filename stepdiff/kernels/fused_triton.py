@@ -406,21 +406,11 @@ def _coefficient_args(name: str, c, x: Tensor, batch: int):
 
 def _seed_args(seed, offset: int, x: Tensor):
     """``(seed_ptr, seed, offset, SEED_IN_MEMORY)`` for an int seed or an int64 state tensor."""
+    from .fused import _check_seed  # one set of rules for the dispatcher and the launchers
+
+    _check_seed(seed, offset, x)
     if isinstance(seed, Tensor):
-        if seed.dtype != torch.int64 or seed.shape != (2,):
-            raise ValueError(
-                "a seed tensor must be int64 of shape [2] (seed, offset); "
-                f"got {seed.dtype} of shape {tuple(seed.shape)}"
-            )
-        if seed.device != x.device:
-            raise ValueError(f"the seed tensor is on {seed.device} but the data are on {x.device}")
-        if offset:
-            raise ValueError("offset comes from the seed tensor; do not pass it separately")
         return seed, 0, 0, True
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int or an int64 tensor [seed, offset]; got {type(seed).__name__}")
-    if not (0 <= seed <= _MAX_SEED and 0 <= offset <= _MAX_SEED):
-        raise ValueError(f"seed and offset must lie in [0, 2**63 - 1]; got {seed}, {offset}")
     return x, seed, offset, False
 
 
