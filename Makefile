@@ -43,7 +43,7 @@ serve:
 notebooks: $(STAMP)
 	mkdir -p _build/notebooks
 	find book -name '*.md' -path 'book/part*' | while read f; do \
-	  out=_build/notebooks/$$(basename $${f%.md}).ipynb; \
+	  out=_build/notebooks/$$(basename $$(dirname $$f))_$$(basename $${f%.md}).ipynb; \
 	  $(BIN)/jupytext --quiet --to ipynb --output $$out $$f; echo $$out; done
 
 lint: $(STAMP)
