@@ -127,11 +127,24 @@ def bench_one(impl, shape, dtype, backward: bool, reference):
     return ms, None
 
 
+def add_ratios(records: list[dict], impls: list[str]) -> None:
+    """Ratios: Triton's throughput over each SDPA backend's, same kernel, dtype and shape."""
+    by_key = {(r["kernel"], r["dtype"], tuple(r["shape"]), r["impl"]): r for r in records}
+    for r in records:
+        if r["impl"] != "triton":
+            continue
+        for impl in impls[1:]:
+            other = by_key.get((r["kernel"], r["dtype"], tuple(r["shape"]), impl))
+            if other is not None:
+                r[f"ratio_to_{impl}"] = r["TFLOPs"] / other["TFLOPs"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="two shapes only")
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--no-write", action="store_true", help="print, do not write results")
+    parser.add_argument("--shapes", type=int, nargs="+", help="indices into SHAPES (default: all)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_attention.py times GPU kernels and needs a CUDA device; none was found.")
@@ -142,7 +155,8 @@ def main() -> None:
     records, skipped = [], []
     for dtype_name in args.dtypes:
         dtype = DTYPES[dtype_name]
-        for shape in QUICK if args.quick else SHAPES:
+        shapes = QUICK if args.quick else [SHAPES[i] for i in args.shapes] if args.shapes else SHAPES
+        for shape in shapes:
             B, H, Lq, Lk, D = shape
             g = torch.Generator(device="cuda").manual_seed(0)
             q, k, v = (torch.randn(B, H, L, D, device="cuda", dtype=dtype, generator=g)
@@ -170,16 +184,10 @@ def main() -> None:
                     print(f"  {kernel:18s} {impl:15s} {dtype_name:9s} {list(shape)} "
                           f"{ms:8.3f} ms  {records[-1]['TFLOPs']:6.1f} TFLOP/s", flush=True)
             del reference
+            add_ratios(records, impls)
+            if not args.no_write and not args.quick:
+                write_results(records)  # after every shape: a run cut short keeps what it measured
 
-    # Ratios: Triton's throughput over each SDPA backend's, same kernel, dtype and shape.
-    by_key = {(r["kernel"], r["dtype"], tuple(r["shape"]), r["impl"]): r for r in records}
-    for r in records:
-        if r["impl"] != "triton":
-            continue
-        for impl in impls[1:]:
-            other = by_key.get((r["kernel"], r["dtype"], tuple(r["shape"]), impl))
-            if other is not None:
-                r[f"ratio_to_{impl}"] = r["TFLOPs"] / other["TFLOPs"]
     print()
     print_table(records, ["kernel", "impl", "dtype", "shape", "median_ms", "TFLOPs"])
     print()

@@ -233,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     parser.add_argument("--no-write", action="store_true", help="print only; keep the results file")
+    parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), help="only these dtypes")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print(
@@ -251,13 +252,23 @@ def main(argv: list[str] | None = None) -> int:
     env = environment()
     print(f"{env['device']}, torch {env['versions']['torch']}, triton {env['versions']['triton']}")
     records = []
+
+    def save() -> None:
+        # Written after every group, so a run stopped by a time limit keeps what it measured.
+        if not args.no_write:
+            write_results(annotate(records))
+
     for dname, dtype in DTYPES.items():
+        if args.dtypes and dname not in args.dtypes:
+            continue
         for size, shape in SHAPES.items():
             for kernel in KERNELS:
                 print(f"timing {kernel} {dname} {size} {shape} ...", flush=True)
                 records += time_kernel(kernel, shape, dtype, bench, not args.no_compile)
+                save()
         print(f"timing {LOOP} {dname} ...", flush=True)
         records += time_loop(dtype, bench)
+        save()
     table = annotate(records)
     columns = ["kernel", "impl", "dtype", "shape", "median_ms", "GBps", "pct_copy"]
     print_table(table, columns + ["vs_eager", "vs_compile"])
@@ -267,8 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         "overhead dominates: one kernel replaces 3-6, and the loop runs as one CUDA graph."
     )
     if not args.no_write:
-        path = write_results(records)
-        print(f"records written to {path}")
+        print(f"records written to {write_results(table)}")
     return 0
 
 
