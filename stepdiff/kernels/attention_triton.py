@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["BWD_CONFIGS", "FWD_CONFIGS", "INTERPRET", "attention_backward", "attention_forward"]
+__all__ = ["INTERPRET", "TUNING", "attention_backward", "attention_forward", "configs_for"]
 
 # Whether this module's kernels were built for Triton's interpreter: `triton.jit` decides at
 # decoration time, that is when this module is imported.
@@ -406,72 +406,62 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
 # Small tiles there keep each simulated step cheap and make even short test sequences span
 # several tiles, so the online-softmax rescaling and the tail masks are exercised.
 #
-# On a GPU the autotuner times a per-head-dim subset of the lists below once per (head dim,
-# dtype, causal, length bucket). The ranges follow what was measured for the Triton tutorial's
+# On a GPU the autotuner times a short list of candidates per kernel and head-dim class (the
+# padded width BLOCK_D: 64 or less, 128, 256) once per (head dim, dtype, causal, length
+# bucket). The lists were chosen from the machine code Triton generates for an H100 (sm_90,
+# tools/gpu_compile_check.py): every candidate compiles without register spills (4-warp tiles
+# that hold 128 x 128 fp32 accumulators spill at BLOCK_D 128; so do 64 x 128 dK/dV tiles) and
+# fits in shared memory, and the shapes follow what was measured for the Triton tutorial's
 # kernels on an H100: 128-row query tiles for the forward; for the backward at head dim 128,
-# 128-key tiles with 64-query steps and 8 warps (about 4x the tutorial's fixed 4-warp setting).
-
+# 8 warps rather than the tutorial's fixed 4. Short lists keep the first call's autotuning to
+# about a dozen compilations per head dim and dtype; which candidate wins is for the GPU to say.
+# Entries are (BLOCK_M, BLOCK_N, num_warps, num_stages); the dK/dV kernel holds BLOCK_N keys
+# and steps through BLOCK_M queries, the forward and dQ kernels hold BLOCK_M queries.
 _INTERP_FWD = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
 _INTERP_DKDV = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
 _INTERP_DQ = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
 _DELTA_BLOCK_M = 64
 
-FWD_CONFIGS = [
-    {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": s}
-    for bm in (64, 128) for bn in (32, 64, 128) for w in (4, 8) for s in (2, 3, 4)
-]
-# dK/dV kernel: BLOCK_N keys held, BLOCK_M queries per step. dQ kernel: BLOCK_M queries held,
-# BLOCK_N keys per step. The held tile is the larger one.
-BWD_CONFIGS = {
-    "dkdv": [
-        {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": s}
-        for bm, bn in ((32, 64), (64, 64), (32, 128), (64, 128)) for w in (4, 8) for s in (2, 3, 5)
-    ],
-    "dq": [
-        {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": s}
-        for bm, bn in ((64, 32), (64, 64), (128, 32), (128, 64)) for w in (4, 8) for s in (2, 3, 5)
-    ],
+TUNING = {
+    "fwd": {
+        64: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3)],
+        128: [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 8, 2)],
+        256: [(64, 32, 4, 2), (64, 32, 8, 2), (64, 64, 8, 2), (128, 32, 8, 2)],
+    },
+    "dkdv": {
+        64: [(32, 64, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3), (32, 128, 8, 3)],
+        128: [(32, 64, 4, 3), (32, 64, 8, 3), (64, 64, 8, 3), (32, 128, 8, 3)],
+        256: [(16, 32, 4, 2), (32, 32, 8, 2)],
+    },
+    "dq": {
+        64: [(64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3), (64, 32, 4, 3)],
+        128: [(64, 64, 8, 3), (128, 64, 8, 3), (128, 32, 8, 3), (64, 32, 4, 3)],
+        256: [(32, 32, 4, 2), (64, 32, 8, 2), (32, 32, 8, 2)],
+    },
 }
 
 
-def _shared_bytes(cfg: dict, block_d: int, itemsize: int, held: str) -> int:
-    """Rough shared-memory need: the held tile once, the streamed K and V (or Q and dO) tiles
-    once per pipeline stage."""
-    held_rows = cfg[held]
-    streamed = cfg["BLOCK_N" if held == "BLOCK_M" else "BLOCK_M"]
-    return (held_rows + 2 * cfg["num_stages"] * streamed) * block_d * itemsize
+def _head_dim_class(block_d: int) -> int:
+    return 64 if block_d <= 64 else block_d
 
 
-def _keep(cfg: dict, block_d: int, itemsize: int, held: str) -> bool:
-    """Prune configurations that cannot fit or make no sense for this head dim."""
-    if _shared_bytes(cfg, block_d, itemsize, held) > 200 * 1024:
-        return False
-    held_rows = cfg[held]
-    if block_d >= 256 and held_rows * block_d > 128 * 256:
-        return False  # a 128 x 256 accumulator already fills the register file
-    # Eight warps only pay on big tiles (one 16-row MMA slab per warp at least).
-    if cfg["num_warps"] == 8 and cfg["BLOCK_M"] * cfg["BLOCK_N"] < 64 * 128:
-        return False
-    return True
+def configs_for(which: str, block_d: int) -> list[dict]:
+    """The autotuning candidates of kernel ``which`` (``"fwd"``, ``"dkdv"``, ``"dq"``) for tile
+    width ``block_d``, as dicts of ``BLOCK_M``, ``BLOCK_N``, ``num_warps``, ``num_stages``."""
+    return [{"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": st}
+            for m, n, w, st in TUNING[which][_head_dim_class(block_d)]]
 
 
-def _prune(held: str):
+def _prune(which: str):
+    """Keep the candidates listed for this launch's head-dim class."""
     def prune(configs, named_args, **kwargs):
         block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
-        itemsize = named_args["Q"].element_size()
-        kept = [c for c in configs if _keep({**c.kwargs, "num_warps": c.num_warps,
-                                             "num_stages": c.num_stages}, block_d, itemsize, held)]
+        wanted = set(TUNING[which][_head_dim_class(block_d)])
+        kept = [c for c in configs
+                if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
         return kept or configs[:1]
 
     return prune
-
-
-def _to_triton(cfgs: list[dict]) -> list:
-    return [
-        triton.Config({"BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"]},
-                      num_warps=c["num_warps"], num_stages=c["num_stages"])
-        for c in cfgs
-    ]
 
 
 _KEY = ["LQ_BUCKET", "LK_BUCKET", "HEAD_DIM", "IS_CAUSAL", "PRECISION"]
@@ -480,13 +470,12 @@ _KEY = ["LQ_BUCKET", "LK_BUCKET", "HEAD_DIM", "IS_CAUSAL", "PRECISION"]
 @functools.cache
 def _tuned(which: str):
     """The autotuned launcher of one kernel (built on first use, GPU only)."""
-    kernel, cfgs, held = {
-        "fwd": (_attn_fwd, FWD_CONFIGS, "BLOCK_M"),
-        "dkdv": (_attn_bwd_dkdv, BWD_CONFIGS["dkdv"], "BLOCK_N"),
-        "dq": (_attn_bwd_dq, BWD_CONFIGS["dq"], "BLOCK_M"),
-    }[which]
-    return triton.autotune(configs=_to_triton(cfgs), key=_KEY,
-                           prune_configs_by={"early_config_prune": _prune(held)})(kernel)
+    kernel = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}[which]
+    candidates = sorted({c for by_class in TUNING[which].values() for c in by_class})
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
+               for m, n, w, st in candidates]
+    return triton.autotune(configs=configs, key=_KEY,
+                           prune_configs_by={"early_config_prune": _prune(which)})(kernel)
 
 
 def _launch(which: str, grid_rows: int, B: int, H: int, args: tuple, meta: dict,

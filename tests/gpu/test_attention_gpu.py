@@ -140,12 +140,6 @@ def test_backward_is_deterministic():
         assert torch.equal(a, b)
 
 
-def _pruned(configs, block_d, itemsize, held):
-    from stepdiff.kernels import attention_triton as kernels
-
-    return [c for c in configs if kernels._keep(c, block_d, itemsize, held)]
-
-
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_every_autotune_config_is_correct(causal):
     """The autotuner only times its configs; check each one it may pick for head dim 72 (tile
@@ -158,9 +152,7 @@ def test_every_autotune_config_is_correct(causal):
     scale = 1 / math.sqrt(72)
     exact = _run(_sdpa(causal), *(t.double() for t in (q, k, v, do)))
     bounds = [2 * U[q.dtype] * m for m in _magnitudes(q, k, v, do, causal, U[q.dtype])]
-    fwd = _pruned(kernels.FWD_CONFIGS, 128, 2, "BLOCK_M")
-    dkdv = _pruned(kernels.BWD_CONFIGS["dkdv"], 128, 2, "BLOCK_N")
-    dq = _pruned(kernels.BWD_CONFIGS["dq"], 128, 2, "BLOCK_M")
+    fwd, dkdv, dq = (kernels.configs_for(which, 128) for which in ("fwd", "dkdv", "dq"))
     ran = 0
     for i in range(max(len(fwd), len(dkdv), len(dq))):
         cf, ckv, cq = fwd[i % len(fwd)], dkdv[i % len(dkdv)], dq[i % len(dq)]

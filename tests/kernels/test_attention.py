@@ -187,6 +187,27 @@ def test_result_does_not_depend_on_tiling(causal):
             assert err <= b, f"{name} with tiles {bm}x{bn}: error {err:.3g} > {b:.3g}"
 
 
+@pytest.mark.parametrize("head_dim", [40, 72, 160])
+def test_every_gpu_autotuning_candidate_is_correct(head_dim):
+    """The GPU autotuner only times its candidates (``TUNING``); run each one here, forward and
+    backward, on a ragged causal shape, against the float64 bound."""
+    from stepdiff.kernels import attention_triton as kernels
+
+    q, k, v, do = _inputs(1, 1, 70, 45, head_dim, torch.float32, seed=17)
+    c = 1 / math.sqrt(head_dim)
+    exact = _run(_sdpa(False), *(t.double() for t in (q, k, v, do)))
+    bounds = [C * U[q.dtype] * m for m in _magnitudes(q, k, v, do, False, U[q.dtype])]
+    block_d = max(16, 1 << (head_dim - 1).bit_length())
+    fwd, dkdv, dq = (kernels.configs_for(which, block_d) for which in ("fwd", "dkdv", "dq"))
+    for i in range(max(len(fwd), len(dkdv), len(dq))):
+        cf, ckv, cq = fwd[i % len(fwd)], dkdv[i % len(dkdv)], dq[i % len(dq)]
+        o, lse = kernels.attention_forward(q, k, v, c, False, config=cf)
+        grads = kernels.attention_backward(do, q, k, v, o, lse, c, False, configs=(ckv, cq))
+        for name, x, e, b in zip(("o", "dq", "dk", "dv"), (o, *grads), exact, bounds, strict=True):
+            err = (x.double() - e).norm().item()
+            assert err <= b, f"{name} with {cf}, {ckv}, {cq}: error {err:.3g} > {b:.3g}"
+
+
 def test_layouts_and_strides(monkeypatch):
     """[B, L, H, D] inputs, a head-dim stride of 2, a transposed K, and V broadcast over heads
     (stride 0): read through their strides, never copied, and the same numbers come out."""
