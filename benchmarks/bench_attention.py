@@ -95,7 +95,7 @@ def make_fn(impl: str, q, k, v, do, backward: bool):
     return forward_backward
 
 
-def bench_one(impl, shape, dtype, backward: bool, reference):
+def bench_one(impl, shape, dtype, backward: bool, reference, graph: bool = False):
     """(median ms, None), or (None, the reason it was skipped)."""
     import triton.testing
 
@@ -119,9 +119,17 @@ def bench_one(impl, shape, dtype, backward: bool, reference):
         err = (out.float() - reference.float()).abs().max().item()
         if err > 0.05:
             raise AssertionError(f"{impl} {shape} {dtype}: max |diff| to sdpa-flash {err:.3g}")
-    ms = triton.testing.do_bench(fn, warmup=50, rep=300,
-                                 grad_to_none=[q, k, v] if backward else None,
-                                 return_mode="median")
+    grads = [q, k, v] if backward else None
+    if graph:
+        # Many calls captured in one CUDA graph and replayed: the device's time alone.
+        try:
+            ms = triton.testing.do_bench_cudagraph(fn, rep=100, grad_to_none=grads,
+                                                   return_mode="median")
+        except RuntimeError as err:  # a backend that cannot be captured
+            return None, "graph capture: " + str(err).strip().splitlines()[0][:80]
+    else:
+        ms = triton.testing.do_bench(fn, warmup=50, rep=300, grad_to_none=grads,
+                                     return_mode="median")
     del q, k, v, do, out
     torch.cuda.empty_cache()
     return ms, None
@@ -131,10 +139,11 @@ def add_ratios(records: list[dict], impls: list[str]) -> None:
     """Ratios: Triton's throughput over each SDPA backend's, same kernel, dtype and shape."""
     by_key = {(r["kernel"], r["dtype"], tuple(r["shape"]), r["impl"]): r for r in records}
     for r in records:
-        if r["impl"] != "triton":
+        if r["impl"] not in ("triton", "triton-graph"):
             continue
+        suffix = r["impl"].removeprefix("triton")  # graph times against graph times
         for impl in impls[1:]:
-            other = by_key.get((r["kernel"], r["dtype"], tuple(r["shape"]), impl))
+            other = by_key.get((r["kernel"], r["dtype"], tuple(r["shape"]), impl + suffix))
             if other is not None:
                 r[f"ratio_to_{impl}"] = r["TFLOPs"] / other["TFLOPs"]
 
@@ -144,6 +153,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="two shapes only")
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--no-write", action="store_true", help="print, do not write results")
+    parser.add_argument("--graph", action="store_true",
+                        help="time CUDA-graph replays (device time; impl names get '-graph')")
     parser.add_argument("--shapes", type=int, nargs="+", help="indices into SHAPES (default: all)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -152,6 +163,7 @@ def main() -> None:
     env = environment()
     print(f"{env['device']}  torch {env['versions']['torch']}  triton {env['versions']['triton']}")
     impls = ["triton", *sdpa_backends()]
+    suffix = "-graph" if args.graph else ""
     records, skipped = [], []
     for dtype_name in args.dtypes:
         dtype = DTYPES[dtype_name]
@@ -172,12 +184,12 @@ def main() -> None:
             for backward in (False, True):
                 kernel = "attention-fwd+bwd" if backward else "attention-fwd"
                 for impl in impls:
-                    ms, why = bench_one(impl, shape, dtype, backward, reference)
+                    ms, why = bench_one(impl, shape, dtype, backward, reference, args.graph)
                     if ms is None:
                         skipped.append(f"{kernel} {impl} {dtype_name} {list(shape)}: {why}")
                         continue
                     records.append({
-                        "kernel": kernel, "impl": impl, "dtype": dtype_name,
+                        "kernel": kernel, "impl": impl + suffix, "dtype": dtype_name,
                         "shape": [B, H, Lq, Lk, D], "median_ms": ms,
                         "TFLOPs": flops(shape, backward) / (ms * 1e-3) / 1e12,
                     })
@@ -192,7 +204,7 @@ def main() -> None:
     print_table(records, ["kernel", "impl", "dtype", "shape", "median_ms", "TFLOPs"])
     print()
     ratio_cols = [f"ratio_to_{impl}" for impl in impls[1:]]
-    print_table([r for r in records if r["impl"] == "triton"],
+    print_table([r for r in records if r["impl"] == "triton" + suffix],
                 ["kernel", "dtype", "shape", *ratio_cols])
     if skipped:
         print("\nskipped:\n  " + "\n  ".join(skipped))
