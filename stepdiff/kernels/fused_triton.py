@@ -90,9 +90,13 @@ def _log_unit(u):
     e = tl.where(big, e + 1, e)
     s = (m - 1.0) / (m + 1.0)
     s2 = s * s
-    series = 0.14285714285714285 + s2 * 0.1111111111111111
-    series = 1.0 + s2 * (0.3333333333333333 + s2 * (0.2 + s2 * series))
-    return e.to(tl.float32) * 0.6931471805599453 + 2.0 * s * series
+    # Explicit FMAs: the kernels compile without contraction (see _launch), so every
+    # rounding is fixed by this code, whatever else the kernel does.
+    series = tl.fma(s2, 0.1111111111111111, 0.14285714285714285)
+    series = tl.fma(s2, series, 0.2)
+    series = tl.fma(s2, series, 0.3333333333333333)
+    series = tl.fma(s2, series, 1.0)
+    return tl.fma(e.to(tl.float32), 0.6931471805599453, 2.0 * s * series)
 
 
 @triton.jit
@@ -107,17 +111,22 @@ def _box_muller(w_radius, w_angle):
     is a swap and two sign flips.
     """
     # 2**-32 and 2**-33: the product is exact, so u is the same with or without an FMA.
-    u = w_radius.to(tl.float32) * 2.3283064365386963e-10 + 1.1641532182693481e-10
+    u = tl.fma(w_radius.to(tl.float32), 2.3283064365386963e-10, 1.1641532182693481e-10)
     r = tl.sqrt(tl.maximum(-2.0 * _log_unit(u), 0.0))
     q = (w_angle >> 30).to(tl.int32)
     # phi = (pi/2) * (l / 2**30 - 1/2) for the low 30 bits l.
-    phi = (w_angle & 0x3FFFFFFF).to(tl.float32) * 1.4629180792671596e-09 - 0.7853981633974483
+    phi = tl.fma((w_angle & 0x3FFFFFFF).to(tl.float32), 1.4629180792671596e-09, -0.7853981633974483)
     p = phi * phi
-    # Horner forms of the Taylor series, coefficients (-1)^k / (2k+1)! and (-1)^k / (2k)!.
-    sin = -0.0001984126984126984 + p * 2.7557319223985893e-06
-    sin = phi * (1.0 + p * (-0.16666666666666666 + p * (0.008333333333333333 + p * sin)))
-    cos = -0.001388888888888889 + p * 2.48015873015873e-05
-    cos = 1.0 + p * (-0.5 + p * (0.041666666666666664 + p * cos))
+    # Horner forms of the Taylor series, coefficients (-1)^k / (2k+1)! and (-1)^k / (2k)!,
+    # as explicit FMAs (see _log_unit).
+    sin = tl.fma(p, 2.7557319223985893e-06, -0.0001984126984126984)
+    sin = tl.fma(p, sin, 0.008333333333333333)
+    sin = tl.fma(p, sin, -0.16666666666666666)
+    sin = phi * tl.fma(p, sin, 1.0)
+    cos = tl.fma(p, 2.48015873015873e-05, -0.001388888888888889)
+    cos = tl.fma(p, cos, 0.041666666666666664)
+    cos = tl.fma(p, cos, -0.5)
+    cos = tl.fma(p, cos, 1.0)
     # (cos, sin) of theta = q pi/2 + phi: q = 0: (c, s); 1: (-s, c); 2: (-c, -s); 3: (s, -c).
     swap = (q & 1) != 0
     a = tl.where(swap, sin, cos)
@@ -425,13 +434,21 @@ def _check_device(x: Tensor) -> None:
         )
 
 
+# No floating-point contraction on the GPU: with it, the compiler (LLVM, then ptxas) fuses
+# multiply-adds where its instruction schedule suggests, which differs between variants of a
+# kernel, so the same seed gave noise differing in the last bit in about 1% of elements
+# depending on whether the seed was passed by value or read from memory (measured on an H100).
+# The noise code writes its FMAs explicitly; everything else rounds exactly as written.
+_OPTIONS = {} if INTERPRETED else {"enable_fp_fusion": False}
+
+
 def _launch(kernel, grid, x: Tensor, args, num_warps: int) -> None:
     # Triton launches on the current device; follow the data if they live elsewhere.
     if x.is_cuda and x.device.index != torch.cuda.current_device():
         with torch.cuda.device(x.device):
-            kernel[grid](*args, num_warps=num_warps)
+            kernel[grid](*args, num_warps=num_warps, **_OPTIONS)
     else:
-        kernel[grid](*args, num_warps=num_warps)
+        kernel[grid](*args, num_warps=num_warps, **_OPTIONS)
 
 
 def affine_step_triton(

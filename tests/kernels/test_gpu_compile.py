@@ -53,7 +53,11 @@ def test_kernels_compile_for_sm90(tmp_path):
     assert len(fused) == 10 and len(attention) == 2 * 3 + candidates + 3
     for r in fused:
         assert r["spill_bytes"] == 0, r
-        assert r["vector_loads_128"] > 0, r  # every input read in 128-bit vectors
+        if r["dtype"] == "torch.float32":
+            # 4 floats per thread and run: 128-bit vectors. In fp16/bf16 the default tile gives
+            # each thread 4 elements per run (64-bit loads), which an H100 measured faster
+            # than 8 per thread with 128-bit loads (launch_config's docstring).
+            assert r["vector_loads_128"] > 0, r
     for r in attention:
         if r["dtype"] in ("torch.float16", "torch.bfloat16"):
             assert r["hgmma"] > 0, r  # tensor cores, in Hopper's warpgroup form
