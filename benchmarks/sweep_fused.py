@@ -27,11 +27,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_fused import (  # noqa: E402
+    DTYPES,
+    SHAPES,
+    eager_affine_step,
+    eager_affine_step_noise,
+    eager_noise_add,
+)
 from common import environment  # noqa: E402
 
-LARGE = (256, 4, 128, 128)
-SMALL = (64, 3, 64, 64)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+LARGE, SMALL = SHAPES["large"], SHAPES["small"]
 BLOCKS = (1024, 2048, 4096)
 WARPS = (2, 4, 8)
 
@@ -91,15 +96,15 @@ def host_cost(dtype_name, calls=2000) -> list[dict]:
     fns = {
         ("affine_step", "public"): lambda: affine_step(x, pred, c[0], c[1]),
         ("affine_step", "launcher"): lambda: affine_step_triton(x, pred, c[0], c[1]),
-        ("affine_step", "eager"): lambda: c[0] * x + c[1] * pred,
+        ("affine_step", "eager"): lambda: eager_affine_step(x, pred, c[0], c[1]),
         ("affine_step_noise", "public"): lambda: affine_step(x, pred, *c, generator=g),
         ("affine_step_noise", "launcher"): lambda: affine_step_triton(x, pred, *c, seed=seed),
         ("affine_step_noise", "seed-draw"): lambda: torch.randint(
             0, 2**62, (2,), generator=g, device="cuda"),
-        ("affine_step_noise", "eager"): lambda: c[0] * x + c[1] * pred + c[2] * torch.randn_like(x),
+        ("affine_step_noise", "eager"): lambda: eager_affine_step_noise(x, pred, *c),
         ("noise_add", "public"): lambda: noise_add(x, a, s, generator=g),
         ("noise_add", "launcher"): lambda: noise_add_triton(x, a, s, seed=seed),
-        ("noise_add", "eager"): lambda: a.view(-1, 1, 1, 1) * x + s.view(-1, 1, 1, 1) * torch.randn_like(x),
+        ("noise_add", "eager"): lambda: eager_noise_add(x, a, s),
     }
     records = []
     for (kernel, impl), fn in fns.items():

@@ -360,27 +360,14 @@ def test_resume_is_bit_exact(tmp_path, with_labels):
 def test_periodic_checkpoints_and_resume_guards(tmp_path):
     path = tmp_path / "c.pt"
     schedule = FlowMatchingSchedule()
-    train(
-        seeded_mlp(**SMALL),
-        TOY,
-        schedule,
-        prediction="velocity",
-        steps=10,
-        batch_size=32,
-        checkpoint=path,
-        checkpoint_every=4,
-    )
+
+    def train_with_checkpoints(steps):
+        train(seeded_mlp(**SMALL), TOY, schedule, prediction="velocity", steps=steps,
+              batch_size=32, checkpoint=path, checkpoint_every=4)
+
+    train_with_checkpoints(10)
     assert load_checkpoint(path, seeded_mlp(**SMALL))["step"] == 10
-    train(
-        seeded_mlp(**SMALL),
-        TOY,
-        schedule,
-        prediction="velocity",
-        steps=9,
-        batch_size=32,
-        checkpoint=path,
-        checkpoint_every=4,
-    )
+    train_with_checkpoints(9)
     assert load_checkpoint(path, seeded_mlp(**SMALL))["step"] == 9
     with pytest.raises(ValueError, match="settings differ"):
         train(seeded_mlp(**SMALL), TOY, schedule, prediction="velocity", steps=20, batch_size=64, resume=path)
