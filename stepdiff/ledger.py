@@ -35,6 +35,10 @@ keyword                    holds when
 
 Rows are kept in memory (:func:`rows`), and appended as JSON lines to the file named by the
 environment variable ``STEPDIFF_LEDGER_FILE`` when it is set.
+
+Numbers quoted in a chapter's prose are bound to the cell that computes them with :func:`glue`
+(myst-nb's glue in the book build; nothing in a notebook run without myst-nb installed), so the
+text can never disagree with the computation.
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["CheckFailed", "Row", "check", "clear", "record", "rows", "stated"]
+__all__ = ["CheckFailed", "Row", "check", "clear", "glue", "record", "rows", "stated"]
 
 #: The HTML class of a displayed row; the book's Sphinx extension finds rows by it.
 HTML_CLASS = "stepdiff-ledger"
@@ -333,3 +337,22 @@ def _emit(row: Row) -> None:
             display(_Display(row))
     except ImportError:
         pass
+
+
+def glue(name: str, value: Any) -> Any:
+    """Bind ``value`` to ``name`` for the prose (`` {glue:text}`name:.3f` `` in MyST) and return it.
+
+    This is myst-nb's ``glue(name, value, display=False)`` when myst-nb is installed (the book
+    build); without it (a chapter downloaded and run as a plain notebook) it does nothing, so
+    chapters never need myst-nb to run.
+    """
+    if not name or not isinstance(name, str):
+        raise ValueError("ledger.glue: `name` must be a non-empty string")
+    try:
+        from myst_nb import glue as _myst_glue
+    except ImportError:
+        return value
+    if hasattr(value, "detach"):  # a 0-d torch tensor formats like a float in the prose
+        value = value.detach().cpu().item() if value.numel() == 1 else value
+    _myst_glue(name, value, display=False)
+    return value

@@ -135,3 +135,9 @@ def test_html_carries_the_row_for_the_book():
 )
 def test_numbers_are_formatted_for_reading(x, text):
     assert ledger._fmt(x) == text
+
+
+def test_glue_returns_the_value_and_checks_the_name():
+    assert ledger.glue("x", 1.5) == 1.5
+    with pytest.raises(ValueError, match="name"):
+        ledger.glue("", 1.0)
