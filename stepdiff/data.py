@@ -13,7 +13,7 @@ like the $\mathcal N(0, I)$ noise they are paired with.
   same law as a :class:`~stepdiff.denoisers.GaussianMixture`, whose exact denoiser is known.
 - :func:`checkerboard`: uniform on the dark squares of a checkerboard.
 - :func:`annulus`: uniform on a ring, the tutorial's base distribution in Figures 7 and 9.
-- :func:`mixture_1d`: a three-component 1-D mixture for the tutorial's Figures 1 and 2.
+- :func:`mixture_1d`: a three-component 1-D mixture, the one target of chapters I.1 and I.2.
 
 Images, scaled to $[-1, 1]$ with shape ``[N, C, H, W]``: :func:`load_digits` (scikit-learn's
 8x8 handwritten digits, installed with scikit-learn) and :func:`load_image_folder` (any folder
@@ -277,10 +277,12 @@ def mixture_1d(
     stds: tuple[float, ...] = (0.3, 0.4, 0.5),
     weights: tuple[float, ...] = (0.25, 0.45, 0.3),
 ) -> GaussianMixture:
-    r"""A multimodal 1-D target $p_0 = \sum_k \pi_k\,\mathcal N(m_k, s_k^2)$, for Figs 1-2.
+    r"""A multimodal 1-D target $p_0 = \sum_k \pi_k\,\mathcal N(m_k, s_k^2)$.
 
     Defaults: $m = (-2, 0, 2.5)$, $s = (0.3, 0.4, 0.5)$, $\pi = (0.25, 0.45, 0.3)$, three
-    separated, unequal modes (the tutorial does not state its own). As a
+    separated, unequal modes. With these defaults it is the one 1-D target of the book's
+    chapters I.1 (the tutorial's Figures 1 and 2, whose own target the tutorial does not
+    state) and I.2 (Claim 1 and Lemma 1 on a grid). As a
     :class:`~stepdiff.denoisers.GaussianMixture` it gives the exact densities of the forward
     marginals, ``log_prob(x, t, schedule)``, and samples, ``sample(n, generator)`` (``[n, 1]``).
     """
