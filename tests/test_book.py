@@ -130,3 +130,20 @@ def test_the_quick_start_examples_run(page):
         exec(compile(block, page, "exec"), scope)
         if "x0" in scope:
             assert scope["x0"].shape == (1000, 2)
+
+
+def test_the_intro_says_which_chapters_are_written():
+    """The intro's map marks a chapter 'written' exactly when the table of contents lists it."""
+    roman = {"I": 1, "II": 2, "III": 3, "IV": 4}
+    intro = (ROOT / "book" / "intro.md").read_text()
+    rows = re.findall(r"^\| (I{1,3}|IV) \| (\d+)\. [^|]*\|[^|]*\| (\w+) \|$", intro, re.M)
+    assert rows, "the intro's map of the book has no status column"
+    listed = {(int(m.group(1)), int(m.group(2))) for c in CHAPTERS if (m := re.match(r"book/part(\d+)/(\d+)_", c))}
+    for part, number, status in rows:
+        key = (roman[part], int(number))
+        assert status in ("written", "coming"), f"part {part}, chapter {number}: status {status!r}"
+        assert (status == "written") == (key in listed), (
+            f"the intro says part {part}, chapter {number} is {status}, but _toc.yml "
+            f"{'does not list' if status == 'written' else 'lists'} it"
+        )
+    assert listed <= {(roman[p], int(n)) for p, n, _ in rows}, "a chapter in _toc.yml is missing from the intro's map"
