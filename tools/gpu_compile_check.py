@@ -163,28 +163,31 @@ def check_fused(fake: FakeH100Driver, dtypes) -> list[dict]:
 
 
 def check_attention(fake: FakeH100Driver, dtypes, head_dims, all_configs: bool) -> list[dict]:
-    """Forward and backward for each dtype and head dim: every autotuning candidate the GPU
-    would try (``all_configs``), or the first."""
+    """Forward and backward for each dtype and head dim, with and without ``kv_lens``: every
+    autotuning candidate the GPU would try (``all_configs``), or the first."""
     from stepdiff.kernels import attention_triton as A
 
     records = []
     for dtype in dtypes:
         for D in head_dims:
-            q, k, v = (_cpu_tensor((1, 2, 130, D), dtype) for _ in range(3))
+            q, k, v = (_cpu_tensor((2, 2, 130, D), dtype) for _ in range(3))
             block_d = max(16, triton.next_power_of_2(D))
             for which in ("fwd", "dkdv", "dq"):
                 candidates = A.configs_for(which, block_d)
                 chosen = candidates if all_configs else candidates[:1]
-                for cfg in chosen:
-                    base = {"family": "attention", "variant": which, "dtype": str(dtype), "head_dim": D, **cfg}
+                # Each launch compiles twice: without key padding, and with kv_lens (the
+                # variant that reads each batch's key count from memory).
+                for cfg, lens in ((c, lens) for c in chosen for lens in (None, torch.tensor([130, 77]))):
+                    base = {"family": "attention", "variant": which + (" kv_lens" if lens is not None else ""),
+                            "dtype": str(dtype), "head_dim": D, "kv_lens": lens is not None, **cfg}
                     if which == "fwd":
-                        launch = partial(A.attention_forward, q, k, v, D**-0.5, False, config=cfg)
+                        launch = partial(A.attention_forward, q, k, v, D**-0.5, False, config=cfg, kv_lens=lens)
                     else:
                         other = A._INTERP_DQ if which == "dkdv" else A._INTERP_DKDV
                         configs = (cfg, other) if which == "dkdv" else (other, cfg)
-                        o, lse = q.clone(), torch.zeros(1, 2, 130)
+                        o, lse = q.clone(), torch.zeros(2, 2, 130)
                         launch = partial(A.attention_backward, q.clone(), q, k, v, o, lse, D**-0.5, False,
-                                         configs=configs)
+                                         configs=configs, kv_lens=lens)
                     records += _compile(fake, launch, base, keep=A._attn_fwd.fn.__name__ if which == "fwd"
                                         else ("_attn_bwd_dkdv" if which == "dkdv" else "_attn_bwd_dq"))
     return records

@@ -5,7 +5,10 @@ of one (batch, head),
 
 $$O = \mathrm{softmax}\big(c\,QK^\top\big)\,V, \qquad c = 1/\sqrt{D} \text{ by default},$$
 
-with the softmax taken over keys (each row of $c\,QK^\top$). Public functions:
+with the softmax taken over keys (each row of $c\,QK^\top$). With key lengths $n_b$
+(``kv_lens``), batch $b$ attends to its first $n_b$ keys only: the scores of keys $j \ge n_b$
+are $-\infty$, so a right-padded context (text tokens) is the same as the unpadded one.
+Public functions:
 
 - `attention`: dispatches on the device: CUDA tensors run the Triton kernels of
   `stepdiff.kernels.attention_triton` (forward and backward, through a
@@ -23,6 +26,7 @@ import importlib.util
 import math
 import os
 import sys
+import weakref
 
 import torch
 from torch import Tensor
@@ -78,23 +82,76 @@ def _check(q: Tensor, k: Tensor, v: Tensor, layout: str, scale: float | None) ->
     return scale
 
 
-def attention_reference(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None,
-                        causal: bool = False, layout: str = "bhld") -> Tensor:
+# kv_lens tensors whose values were already checked, by id: (a weak reference, the tensor's
+# version counter, Lk). A model passes the same kv_lens to every cross-attention layer and
+# every sampling step; reading the values costs a device synchronisation, so it is done once
+# per tensor and in-place change (the version counter moves on any in-place write).
+_CHECKED_KV_LENS: dict[int, tuple] = {}
+
+
+def _check_kv_lens(kv_lens, q: Tensor, k: Tensor, layout: str) -> None:
+    """Validate ``kv_lens``: an int64 ``[B]`` tensor on q's device with ``1 <= kv_lens <= Lk``."""
+    B = q.shape[0]
+    Lk = _to_bhld(k, layout).shape[2]
+    if not isinstance(kv_lens, Tensor):
+        raise TypeError(f"kv_lens must be a torch.Tensor (int64, shape [B]) or None; "
+                        f"got {type(kv_lens).__name__}")
+    if kv_lens.dtype != torch.int64:
+        raise TypeError(f"kv_lens must have dtype torch.int64; got {kv_lens.dtype}")
+    if kv_lens.shape != (B,):
+        raise ValueError(f"kv_lens must have shape [B] = [{B}]; got {list(kv_lens.shape)}")
+    if kv_lens.device != q.device:
+        raise ValueError(f"kv_lens is on {kv_lens.device} but q is on {q.device}")
+    if kv_lens.device.type == "meta":
+        return  # no values to read
+    entry = _CHECKED_KV_LENS.get(id(kv_lens))
+    if entry is not None and entry[0]() is kv_lens and entry[1:] == (kv_lens._version, Lk):
+        return
+    if kv_lens.is_cuda and torch.cuda.is_current_stream_capturing():
+        # Values cannot be read during CUDA-graph capture; the kernels keep each length within
+        # [1, Lk], so an unchecked value cannot make them read outside the key tensor.
+        return
+    low, high = (int(x) for x in torch.aminmax(kv_lens))
+    if low < 1 or high > Lk:
+        bad = kv_lens[(kv_lens < 1) | (kv_lens > Lk)].tolist()
+        raise ValueError(f"kv_lens must lie in [1, Lk] = [1, {Lk}]; got {bad[:8]}"
+                         f"{' ...' if len(bad) > 8 else ''}")
+    if len(_CHECKED_KV_LENS) > 64:  # drop entries whose tensors are gone
+        for key in [key for key, e in _CHECKED_KV_LENS.items() if e[0]() is None]:
+            del _CHECKED_KV_LENS[key]
+    _CHECKED_KV_LENS[id(kv_lens)] = (weakref.ref(kv_lens), kv_lens._version, Lk)
+
+
+def attention_reference(q: Tensor, k: Tensor, v: Tensor, *, kv_lens: Tensor | None = None,
+                        scale: float | None = None, causal: bool = False,
+                        layout: str = "bhld") -> Tensor:
     r"""$O = \mathrm{softmax}(c\,QK^\top + M)\,V$ in plain PyTorch, scores held in memory.
 
     ``q [B, H, Lq, D]``, ``k, v [B, H, Lk, D]`` for ``layout="bhld"`` (or ``[B, L, H, D]`` each
     for ``"blhd"``); returns ``o`` in the same layout as ``q``. $M_{ij} = -\infty$ where
-    ``causal`` and $j > i$ (query $i$ sees keys $0..i$, as ``is_causal`` in PyTorch), else 0.
-    Computed in float64 for float64 inputs, otherwise in float32, and returned in the input
-    dtype. Differentiable by autograd.
+    ``causal`` and $j > i$ (query $i$ sees keys $0..i$, as ``is_causal`` in PyTorch), and for
+    batch $b$ where $j \ge$ ``kv_lens[b]`` (keys past the batch's length), else 0. Padded keys
+    and values are replaced by zeros before use, so whatever they hold (even NaN) changes
+    nothing, and their gradients are exactly 0. Computed in float64 for float64 inputs,
+    otherwise in float32, and returned in the input dtype. Differentiable by autograd.
     """
     c = _check(q, k, v, layout, scale)
+    if kv_lens is not None:
+        _check_kv_lens(kv_lens, q, k, layout)
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     qb, kb, vb = (_to_bhld(t, layout).to(compute) for t in (q, k, v))
+    Lq, Lk = qb.shape[2], kb.shape[2]
+    if kv_lens is not None:
+        real = torch.arange(Lk, device=kb.device) < kv_lens[:, None]  # [B, Lk]
+        kb = kb.masked_fill(~real[:, None, :, None], 0.0)
+        vb = vb.masked_fill(~real[:, None, :, None], 0.0)
     s = c * (qb @ kb.transpose(-1, -2))  # [B, H, Lq, Lk]
+    allowed = None
     if causal:
-        Lq, Lk = s.shape[-2:]
         allowed = torch.ones(Lq, Lk, dtype=torch.bool, device=s.device).tril()
+    if kv_lens is not None:
+        allowed = real[:, None, None, :] if allowed is None else allowed & real[:, None, None, :]
+    if allowed is not None:
         s = s.masked_fill(~allowed, float("-inf"))
     p = torch.softmax(s, dim=-1)
     o = (p @ vb).to(q.dtype)
@@ -105,20 +162,21 @@ class _FlashAttention(torch.autograd.Function):
     """Triton forward; Triton backward recomputing P from the saved log-sum-exp."""
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool) -> Tensor:
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, kv_lens: Tensor | None, scale: float,
+                causal: bool) -> Tensor:
         kernels = _triton_module()
-        o, lse = kernels.attention_forward(q, k, v, scale, causal)
-        ctx.save_for_backward(q, k, v, o, lse)
+        o, lse = kernels.attention_forward(q, k, v, scale, causal, kv_lens=kv_lens)
+        ctx.save_for_backward(q, k, v, o, lse, kv_lens)
         ctx.scale, ctx.causal = scale, causal
         return o
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, do: Tensor):
-        q, k, v, o, lse = ctx.saved_tensors
+        q, k, v, o, lse, kv_lens = ctx.saved_tensors
         dq, dk, dv = _triton_module().attention_backward(do, q, k, v, o, lse, ctx.scale,
-                                                          ctx.causal)
-        return dq, dk, dv, None, None
+                                                          ctx.causal, kv_lens=kv_lens)
+        return dq, dk, dv, None, None, None
 
 
 def _triton_module():
@@ -166,8 +224,9 @@ def _prepare_triton(q: Tensor) -> None:
                            "tensors to CUDA or use backend='torch'")
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None,
-              causal: bool = False, layout: str = "bhld", backend: str | None = None) -> Tensor:
+def attention(q: Tensor, k: Tensor, v: Tensor, *, kv_lens: Tensor | None = None,
+              scale: float | None = None, causal: bool = False, layout: str = "bhld",
+              backend: str | None = None) -> Tensor:
     r"""Scaled dot-product attention $O = \mathrm{softmax}(c\,QK^\top)\,V$, differentiable.
 
     Shapes for ``layout="bhld"`` (the default): ``q [B, H, Lq, D]``, ``k, v [B, H, Lk, D]``,
@@ -175,6 +234,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None,
     layout a linear projection produces after ``view(B, L, H, D)``) and so is the result; no
     copy is made in either case: the kernels read any strides.
 
+    - ``kv_lens``: ``None``, or an int64 tensor ``[B]`` on the device of ``q`` with
+      ``1 <= kv_lens[b] <= Lk``: batch ``b`` attends to keys ``j < kv_lens[b]`` only, for every
+      head and query (a right-padded context). The padded keys' gradients are exactly 0. The
+      values are checked on the host once per tensor (one device synchronisation; repeated
+      calls with the same, unmodified tensor are not checked again); under CUDA-graph capture
+      they cannot be read, and the kernels clamp them into ``[1, Lk]``.
     - ``scale``: the $c$ above, default $1/\sqrt{D}$.
     - ``causal``: query $i$ attends to keys $j \le i$ only (top-left aligned, as PyTorch's
       ``is_causal``).
@@ -189,8 +254,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None,
     saved log-sum-exp (no $L_q\times L_k$ matrix in memory) and is deterministic.
     """
     c = _check(q, k, v, layout, scale)
+    if kv_lens is not None:
+        _check_kv_lens(kv_lens, q, k, layout)
     if _resolve_backend(backend, q) == "torch":
-        return attention_reference(q, k, v, scale=c, causal=causal, layout=layout)
+        return attention_reference(q, k, v, kv_lens=kv_lens, scale=c, causal=causal,
+                                   layout=layout)
     _prepare_triton(q)
-    o = _FlashAttention.apply(*(_to_bhld(t, layout) for t in (q, k, v)), c, bool(causal))
+    o = _FlashAttention.apply(*(_to_bhld(t, layout) for t in (q, k, v)), kv_lens, c,
+                              bool(causal))
     return o if layout == "bhld" else o.transpose(1, 2)

@@ -67,6 +67,18 @@ def _load_rows(ptrs, offs_l, L, offs_d, HEAD_DIM: tl.constexpr, MASK_L: tl.const
 
 
 @triton.jit
+def _keys_of_batch(KV_LENS, off_b, Lk, HAS_KV_LENS: tl.constexpr):
+    """The number of keys batch ``off_b`` attends to: ``KV_LENS[off_b]``, kept within
+    ``[1, Lk]`` so that no value can make a kernel read outside the key tensor (the host checks
+    the values, except under CUDA-graph capture, where it cannot read them)."""
+    if HAS_KV_LENS:
+        n = tl.load(KV_LENS + off_b).to(tl.int32)
+        return tl.minimum(tl.maximum(n, 1), Lk)
+    else:
+        return Lk
+
+
+@triton.jit
 def _attn_fwd_inner(acc, m_i, l_i, q, K, V, stride_kl, stride_kd, stride_vl, stride_vd,
                     offs_m, offs_d, lo, hi, Lk, qk_scale,
                     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr,
@@ -116,7 +128,7 @@ def _attn_fwd_inner(acc, m_i, l_i, q, K, V, stride_kl, stride_kd, stride_vl, str
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, O, LSE,
+def _attn_fwd(Q, K, V, O, LSE, KV_LENS,
               stride_qb, stride_qh, stride_ql, stride_qd,
               stride_kb, stride_kh, stride_kl, stride_kd,
               stride_vb, stride_vh, stride_vl, stride_vd,
@@ -124,16 +136,20 @@ def _attn_fwd(Q, K, V, O, LSE,
               stride_lb, stride_lh,
               Lq, Lk, qk_scale, LQ_BUCKET, LK_BUCKET,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr,
-              PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+              PRECISION: tl.constexpr, HAS_KV_LENS: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program: one tile of ``BLOCK_M`` queries of one (batch, head); grid
     ``(cdiv(Lq, BLOCK_M), H, B)``. Writes ``O`` for those rows and their base-2 log-sum-exp.
 
+    With ``HAS_KV_LENS`` batch ``b`` has only its first ``KV_LENS[b]`` keys: the key loop stops
+    there, so the padding is never read.
     (``LQ_BUCKET`` and ``LK_BUCKET`` are unused by the body: they are the autotuner's key.)
     """
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     start_m = tl.program_id(0) * BLOCK_M
     off_h = tl.program_id(1).to(tl.int64)
     off_b = tl.program_id(2).to(tl.int64)
+    Lk = _keys_of_batch(KV_LENS, off_b, Lk, HAS_KV_LENS)
     Q += off_b * stride_qb + off_h * stride_qh
     K += off_b * stride_kb + off_h * stride_kh
     V += off_b * stride_vb + off_h * stride_vh
@@ -247,7 +263,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA,
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KV_LENS,
                    stride_qb, stride_qh, stride_ql, stride_qd,
                    stride_kb, stride_kh, stride_kl, stride_kd,
                    stride_vb, stride_vh, stride_vl, stride_vd,
@@ -257,13 +273,21 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
                    stride_lb, stride_lh,
                    Lq, Lk, scale, qk_scale, LQ_BUCKET, LK_BUCKET,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr,
-                   PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   PRECISION: tl.constexpr, HAS_KV_LENS: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program owns ``BLOCK_N`` keys of one (batch, head) and writes their dK and dV;
-    grid ``(cdiv(Lk, BLOCK_N), H, B)``. It reads every query tile that attends to its keys."""
+    grid ``(cdiv(Lk, BLOCK_N), H, B)``. It reads every query tile that attends to its keys.
+    Keys past the batch's ``KV_LENS`` get dK = dV = 0, and a tile holding only such keys reads
+    no queries at all."""
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     start_n = tl.program_id(0) * BLOCK_N
     off_h = tl.program_id(1).to(tl.int64)
     off_b = tl.program_id(2).to(tl.int64)
+    n_keys = _keys_of_batch(KV_LENS, off_b, Lk, HAS_KV_LENS)
+    if HAS_KV_LENS:
+        q_end = tl.where(start_n < n_keys, Lq, 0)  # 0: every loop below is empty
+    else:
+        q_end = Lq
     Q += off_b * stride_qb + off_h * stride_qh
     K += off_b * stride_kb + off_h * stride_kh
     V += off_b * stride_vb + off_h * stride_vh
@@ -275,21 +299,22 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
 
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    # Padded keys (>= Lk) read 0; their gradients are computed but never stored.
+    # Keys past the tensor (>= Lk) or past the batch's length read 0; their gradients are
+    # computed (each key's row of dK, dV depends on that key alone) and then dropped.
     k = _load_rows(K + offs_n[:, None] * stride_kl + offs_d[None, :] * stride_kd,
-                   offs_n, Lk, offs_d, HEAD_DIM, True, EVEN_D)
+                   offs_n, n_keys, offs_d, HEAD_DIM, True, EVEN_D)
     v = _load_rows(V + offs_n[:, None] * stride_vl + offs_d[None, :] * stride_vd,
-                   offs_n, Lk, offs_d, HEAD_DIM, True, EVEN_D)
+                   offs_n, n_keys, offs_d, HEAD_DIM, True, EVEN_D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
     # Query tiles in three runs: those crossing the causal diagonal (masked), the full tiles
     # (no mask at all: the hot loop), and the tail tile past Lq // BLOCK_M (rows masked).
-    full = (Lq // BLOCK_M) * BLOCK_M
+    full = (q_end // BLOCK_M) * BLOCK_M
     if IS_CAUSAL:
         lo = (start_n // BLOCK_M) * BLOCK_M  # query i attends key j only when i >= j
         mid = tl.minimum(tl.cdiv(start_n + BLOCK_N, BLOCK_M) * BLOCK_M,
-                         tl.cdiv(Lq, BLOCK_M) * BLOCK_M)
+                         tl.cdiv(q_end, BLOCK_M) * BLOCK_M)
         mid = tl.maximum(mid, lo)
         dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_ql, stride_qd,
                                       stride_dol, stride_dod, offs_n, offs_d, lo, mid, Lq,
@@ -302,10 +327,15 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
                                   stride_dol, stride_dod, offs_n, offs_d, mid, full, Lq,
                                   qk_scale, HEAD_DIM, BLOCK_M, EVEN_D, False, False, PRECISION)
     dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, stride_ql, stride_qd,
-                                  stride_dol, stride_dod, offs_n, offs_d, tail, Lq, Lq,
+                                  stride_dol, stride_dod, offs_n, offs_d, tail, q_end, Lq,
                                   qk_scale, HEAD_DIM, BLOCK_M, EVEN_D, True, False, PRECISION)
 
     dk = dk * scale  # S = scale * Q K^T, so dK = scale * dS^T Q
+    if HAS_KV_LENS:
+        # Padded keys: exactly 0 (their P was computed from zeroed keys, not masked).
+        real = offs_n[:, None] < n_keys
+        dk = tl.where(real, dk, 0.0)
+        dv = tl.where(real, dv, 0.0)
     rows = offs_n[:, None] < Lk
     if not EVEN_D:
         rows = rows & (offs_d[None, :] < HEAD_DIM)
@@ -342,7 +372,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, K, V, stride_kl, stride_kd, stride
 
 
 @triton.jit
-def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
+def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KV_LENS,
                  stride_qb, stride_qh, stride_ql, stride_qd,
                  stride_kb, stride_kh, stride_kl, stride_kd,
                  stride_vb, stride_vh, stride_vl, stride_vd,
@@ -351,13 +381,16 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
                  stride_lb, stride_lh,
                  Lq, Lk, scale, qk_scale, LQ_BUCKET, LK_BUCKET,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr,
-                 PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                 PRECISION: tl.constexpr, HAS_KV_LENS: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program owns ``BLOCK_M`` queries of one (batch, head) and writes their dQ;
-    grid ``(cdiv(Lq, BLOCK_M), H, B)``. The key loop mirrors the forward's."""
+    grid ``(cdiv(Lq, BLOCK_M), H, B)``. The key loop mirrors the forward's (and so stops at the
+    batch's ``KV_LENS``)."""
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     start_m = tl.program_id(0) * BLOCK_M
     off_h = tl.program_id(1).to(tl.int64)
     off_b = tl.program_id(2).to(tl.int64)
+    Lk = _keys_of_batch(KV_LENS, off_b, Lk, HAS_KV_LENS)
     Q += off_b * stride_qb + off_h * stride_qh
     K += off_b * stride_kb + off_h * stride_kh
     V += off_b * stride_vb + off_h * stride_vh
@@ -464,7 +497,7 @@ def _prune(which: str):
     return prune
 
 
-_KEY = ["LQ_BUCKET", "LK_BUCKET", "HEAD_DIM", "IS_CAUSAL", "PRECISION"]
+_KEY = ["LQ_BUCKET", "LK_BUCKET", "HEAD_DIM", "IS_CAUSAL", "PRECISION", "HAS_KV_LENS"]
 
 
 @functools.cache
@@ -519,7 +552,7 @@ def _check_launchable(*tensors: Tensor) -> None:
             raise ValueError(f"batch {B} and heads {H} must each be at most 65535 (grid limits)")
 
 
-def _meta(q: Tensor, causal: bool) -> dict:
+def _meta(q: Tensor, causal: bool, has_kv_lens: bool = False) -> dict:
     D = q.shape[-1]
     return {
         "HEAD_DIM": D,
@@ -529,44 +562,49 @@ def _meta(q: Tensor, causal: bool) -> dict:
         # Exact fp32 products for fp32 inputs (a GPU would otherwise use TF32); fp16/bf16
         # products are exact on tensor cores and take the default.
         "PRECISION": "ieee" if q.dtype == torch.float32 else None,
+        "HAS_KV_LENS": bool(has_kv_lens),
     }
 
 
 def attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool = False,
-                      config: dict | None = None) -> tuple[Tensor, Tensor]:
+                      config: dict | None = None, *, kv_lens: Tensor | None = None,
+                      ) -> tuple[Tensor, Tensor]:
     r"""$O = \mathrm{softmax}(c\,QK^\top)V$ and the base-2 log-sum-exp of each row.
 
     ``q [B, H, Lq, D]``, ``k, v [B, H, Lk, D]`` (any strides) give ``o`` shaped and strided like
     ``q`` and ``lse [B, H, Lq]`` (fp32, contiguous) with
-    ``lse * ln 2 = logsumexp(scale * q @ k^T, -1)``. Inputs are assumed checked by the caller.
-    ``config`` fixes ``BLOCK_M``, ``BLOCK_N``, ``num_warps``, ``num_stages`` (tests use it to
-    check that the result does not depend on the tiling); otherwise the GPU autotunes.
+    ``lse * ln 2 = logsumexp(scale * q @ k^T, -1)``. ``kv_lens`` (int64 ``[B]`` on the device of
+    ``q``, or ``None``): batch ``b`` attends to its first ``kv_lens[b]`` keys only. Inputs are
+    assumed checked by the caller. ``config`` fixes ``BLOCK_M``, ``BLOCK_N``, ``num_warps``,
+    ``num_stages`` (tests use it to check that the result does not depend on the tiling);
+    otherwise the GPU autotunes.
     """
     _check_launchable(q, k, v)
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     o = torch.empty_like(q)
     lse = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)
-    args = (q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+    lens = q if kv_lens is None else kv_lens  # any pointer when unused (HAS_KV_LENS=False)
+    args = (q, k, v, o, lse, lens, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
             lse.stride(0), lse.stride(1), Lq, Lk, scale * LOG2E, _bucket(Lq), _bucket(Lk))
-    _launch("fwd", Lq, B, H, args, _meta(q, causal), config)
+    _launch("fwd", Lq, B, H, args, _meta(q, causal, kv_lens is not None), config)
     return o, lse
 
 
 def attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
                        scale: float, causal: bool = False,
-                       configs: tuple[dict | None, dict | None] = (None, None),
-                       ) -> tuple[Tensor, Tensor, Tensor]:
+                       configs: tuple[dict | None, dict | None] = (None, None), *,
+                       kv_lens: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     r"""$dQ, dK, dV$ of $O = \mathrm{softmax}(c\,QK^\top)V$ given $dO$; $P$ is recomputed.
 
     Three launches: $\Delta = \mathrm{rowsum}(dO\circ O)$; then one program per key tile for
     $dK, dV$; then one program per query tile for $dQ$. ``configs`` = (dK/dV config, dQ config),
-    each as in `attention_forward`.
+    each as in `attention_forward`; ``kv_lens`` as there (the padded keys' dK and dV are 0).
     """
     _check_launchable(do)
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
-    meta = _meta(q, causal)
+    meta = _meta(q, causal, kv_lens is not None)
     delta = torch.empty_like(lse)
     _attn_bwd_delta[(triton.cdiv(Lq, _DELTA_BLOCK_M), H, B)](
         o, do, delta, *o.stride(), *do.stride(), delta.stride(0), delta.stride(1), Lq,
@@ -574,10 +612,11 @@ def attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, l
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
+    lens = q if kv_lens is None else kv_lens
     common = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
     tail = (lse.stride(0), lse.stride(1), Lq, Lk, scale, scale * LOG2E, _bucket(Lq), _bucket(Lk))
-    _launch("dkdv", Lk, B, H, (q, k, v, do, lse, delta, dk, dv, *common, *dk.stride(),
+    _launch("dkdv", Lk, B, H, (q, k, v, do, lse, delta, dk, dv, lens, *common, *dk.stride(),
                                *dv.stride(), *tail), meta, configs[0])
-    _launch("dq", Lq, B, H, (q, k, v, do, lse, delta, dq, *common, *dq.stride(), *tail),
+    _launch("dq", Lq, B, H, (q, k, v, do, lse, delta, dq, lens, *common, *dq.stride(), *tail),
             meta, configs[1])
     return dq, dk, dv

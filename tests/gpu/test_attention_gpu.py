@@ -202,3 +202,77 @@ def test_attention_layer_in_bf16_trains():
     out.float().square().mean().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in layer.parameters())
     assert torch.isfinite(x.grad).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# Key padding (kv_lens): the interpreter tests' check (tests/kernels/test_attention.py), here in
+# bf16 and fp16 at the sizes of text cross-attention and of long padded contexts.
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_kv_lens(q, k, v, do, lens, causal=False, got=None):
+    """Per batch against float64 SDPA on the unpadded keys; padded dK, dV exactly 0."""
+    kv_lens = torch.tensor(lens, dtype=torch.int64, device=q.device)
+    if got is None:
+        got = _run(lambda a, b, c: attention(a, b, c, kv_lens=kv_lens, causal=causal), q, k, v, do)
+    for b, n in enumerate(lens):
+        sl = (q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n], do[b:b + 1])
+        mine = [got[0][b:b + 1], got[1][b:b + 1], got[2][b:b + 1, :, :n], got[3][b:b + 1, :, :n]]
+        _check(*sl, causal, got=mine, check_sdpa=b == 0)
+        assert not got[2][b, :, n:].any() and not got[3][b, :, n:].any(), b
+    return got
+
+
+def _padded(B, H, Lq, Lk, D, dtype, lens, seed):
+    q, k, v, do = _inputs(B, H, Lq, Lk, D, dtype, seed=seed)
+    for b, n in enumerate(lens):  # NaN padding: any read of it would show
+        k[b, :, n:] = float("nan")
+        v[b, :, n:] = float("nan")
+    return q, k, v, do
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=IDS[:2])
+@pytest.mark.parametrize("shape", [
+    (4, 4, 1024, 77, 64, False, [77, 1, 12, 60]),  # text cross-attention at 32x32 tokens
+    (3, 2, 4096, 77, 40, False, [5, 77, 33]),  # SD 1.x head dim, 64x64 tokens
+    (2, 2, 1500, 2048, 128, True, [2048, 700]),  # long padded context, causal
+    (2, 2, 333, 300, 72, False, [129, 300]),  # DiT head dim
+], ids=["cross77-d64", "cross77-d40", "long-causal-d128", "d72"])
+def test_kv_lens_matches_unpadded_attention(shape, dtype, first_candidates):
+    B, H, Lq, Lk, D, causal, lens = shape
+    _check_kv_lens(*_padded(B, H, Lq, Lk, D, dtype, lens, seed=Lq + Lk), lens, causal)
+
+
+def test_kv_lens_autotuned_and_blhd():
+    """Through the autotuner (no pinned candidate), with [B, L, H, D] views as the attention
+    layer makes them."""
+    lens = [77, 20]
+    q, k, v, do = _padded(2, 8, 1024, 77, 64, torch.bfloat16, lens, seed=61)
+    kv_lens = torch.tensor(lens, device=DEVICE)
+    blhd = [t.transpose(1, 2).contiguous() for t in (q, k, v, do)]
+    got = _run(lambda a, b, c: attention(a, b, c, kv_lens=kv_lens, layout="blhd"), *blhd)
+    _check_kv_lens(q, k, v, do, lens, got=[t.transpose(1, 2) for t in got])
+
+
+def test_kv_lens_under_cuda_graph_capture():
+    """Attention with kv_lens can be captured (no host read of the values while capturing), and a
+    replay reads the lengths from memory as they are at replay time."""
+    lens = torch.tensor([77, 9], device=DEVICE)
+    q, k, v, _ = _inputs(2, 4, 256, 77, 64, torch.bfloat16, seed=67)
+    with torch.no_grad():
+        attention(q, k, v, kv_lens=lens)  # compile and check the values outside the capture
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            attention(q, k, v, kv_lens=lens)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = attention(q, k, v, kv_lens=lens)
+        graph.replay()
+        first = out.clone()
+        lens.copy_(torch.tensor([30, 77], device=DEVICE))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(first, attention(q, k, v, kv_lens=torch.tensor([77, 9], device=DEVICE)))
+        assert torch.equal(out, attention(q, k, v, kv_lens=torch.tensor([30, 77], device=DEVICE)))

@@ -349,3 +349,158 @@ def test_kernels_refuse_what_their_indexing_cannot_reach():
     wide = torch.empty(70000, 1, 2, 16, device="meta")
     with pytest.raises(ValueError, match="65535"):
         kernels.attention_forward(wide, wide, wide, 1.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Key padding (kv_lens)
+# ----------------------------------------------------------------------------------------------
+
+
+def check_kv_lens(q, k, v, do, lens, causal=False, got=None):
+    """Batch by batch, the kernel with ``kv_lens`` against float64 SDPA on that batch's
+    unpadded keys, under the bound of the module docstring (computed on the unpadded keys);
+    the padded keys' dK and dV must be exactly 0."""
+    u = U[q.dtype]
+    kv_lens = torch.tensor(lens, dtype=torch.int64, device=q.device)
+    if got is None:
+        got = _run(lambda a, b, c: attention(a, b, c, kv_lens=kv_lens, causal=causal,
+                                             backend="triton"), q, k, v, do)
+    for b, n in enumerate(lens):
+        sl = (q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n], do[b:b + 1])
+        exact = _run(_sdpa(causal), *(t.double() for t in sl))
+        same_dtype = _run(_sdpa(causal), *sl)
+        bounds = [C * u * m for m in _magnitudes(*sl, causal, u)]
+        mine = (got[0][b:b + 1], got[1][b:b + 1], got[2][b:b + 1, :, :n], got[3][b:b + 1, :, :n])
+        for name, x, r, e, bound in zip(("o", "dq", "dk", "dv"), mine, same_dtype, exact, bounds,
+                                        strict=True):
+            assert x.dtype == q.dtype and torch.isfinite(x).all(), (b, name)
+            ref_err = (r.double() - e).norm().item()
+            assert ref_err <= bound, f"bound too tight for {name}[{b}]: SDPA errs {ref_err:.3g}"
+            err = (x.double() - e).norm().item()
+            assert err <= bound, f"{name}[{b}] (kv_len {n}): error {err:.3g} > bound {bound:.3g}"
+        assert torch.equal(got[2][b, :, n:], torch.zeros_like(got[2][b, :, n:])), b
+        assert torch.equal(got[3][b, :, n:], torch.zeros_like(got[3][b, :, n:])), b
+    return got
+
+
+def _padded(B, H, Lq, Lk, D, dtype, lens, seed, fill=float("nan")):
+    """Random inputs whose keys and values past each batch's length hold ``fill``: if a kernel
+    read them, NaN would reach its results."""
+    q, k, v, do = _inputs(B, H, Lq, Lk, D, dtype, seed=seed)
+    for b, n in enumerate(lens):
+        k[b, :, n:] = fill
+        v[b, :, n:] = fill
+    return q, k, v, do
+
+
+# Lq != Lk both ways, odd sizes, a length of 1, all keys kept, key tiles that hold padding
+# only (5 of 77 with 32-key tiles), a single query, and causal with padding.
+KV_CASES = [
+    # B, H, Lq, Lk, D, causal, kv_lens
+    (3, 2, 45, 77, 40, False, [77, 1, 37]),
+    (2, 1, 130, 77, 72, True, [5, 77]),
+    (2, 2, 1, 70, 16, False, [33, 64]),
+    (2, 1, 7, 1, 64, False, [1, 1]),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", KV_CASES,
+                         ids=lambda c: "B{}H{}q{}k{}d{}{}".format(*c[:5], "c" * c[5]))
+def test_kv_lens_equals_attention_on_the_unpadded_keys(case, dtype):
+    B, H, Lq, Lk, D, causal, lens = case
+    q, k, v, do = _padded(B, H, Lq, Lk, D, dtype, lens, seed=Lq * 100 + Lk + D)
+    check_kv_lens(q, k, v, do, lens, causal)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_kv_lens_with_other_tilings(causal):
+    """Tiles with BLOCK_M != BLOCK_N, and key tiles that straddle a batch's length."""
+    from stepdiff.kernels import attention_triton as kernels
+
+    lens = [83, 17, 40]
+    q, k, v, do = _padded(3, 1, 50, 83, 40, torch.float32, lens, seed=41)
+    kv_lens = torch.tensor(lens, device=q.device)
+    c = 1 / math.sqrt(40)
+    for bm, bn in ((16, 64), (64, 16)):
+        cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": 4, "num_stages": 1}
+        o, lse = kernels.attention_forward(q, k, v, c, causal, config=cfg, kv_lens=kv_lens)
+        grads = kernels.attention_backward(do, q, k, v, o, lse, c, causal, kv_lens=kv_lens,
+                                           configs=(cfg, {**cfg, "BLOCK_M": bn, "BLOCK_N": bm}))
+        check_kv_lens(q, k, v, do, lens, causal, got=[o, *grads])
+
+
+def test_kv_lens_in_the_blhd_layout():
+    """[B, L, H, D] tensors (as the attention layer passes them) with a padded context."""
+    lens = [9, 30]
+    q, k, v, do = _padded(2, 3, 21, 30, 24, torch.float32, lens, seed=43)
+    kv_lens = torch.tensor(lens, device=q.device)
+    got = _run(lambda a, b, c: attention(a, b, c, kv_lens=kv_lens, layout="blhd",
+                                         backend="triton"),
+               *(t.transpose(1, 2) for t in (q, k, v, do)))
+    check_kv_lens(q, k, v, do, lens, got=[t.transpose(1, 2) for t in got])
+
+
+def test_reference_with_kv_lens_equals_masked_sdpa():
+    """The reference in float64 equals SDPA given the same key mask, values and gradients;
+    padded keys get zero gradients and whatever they hold (NaN here) changes nothing."""
+    lens = [13, 1, 29]
+    q, k, v, do = _padded(3, 2, 11, 29, 24, torch.float64, lens, seed=47)
+    kv_lens = torch.tensor(lens, device=q.device)
+    mask = (torch.arange(29, device=q.device) < kv_lens[:, None])[:, None, None, :]
+    clean_k, clean_v = k.nan_to_num(0.0), v.nan_to_num(0.0)
+    want = _run(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, attn_mask=mask),
+                q, clean_k, clean_v, do)
+    got = _run(lambda a, b, c: attention_reference(a, b, c, kv_lens=kv_lens), q, k, v, do)
+    for name, x, w in zip(("o", "dq", "dk", "dv"), got, want, strict=True):
+        assert torch.isfinite(x).all(), name
+        torch.testing.assert_close(x, w, rtol=1e-12, atol=1e-12)
+    for b, n in enumerate(lens):
+        assert not got[2][b, :, n:].any() and not got[3][b, :, n:].any()
+    # The dispatcher on CPU tensors takes the reference, with the same result.
+    assert torch.equal(attention(q, k, v, kv_lens=kv_lens), got[0])
+    # Causal and padded together: query i sees keys j <= i and j < kv_lens[b].
+    both = mask & torch.ones(11, 29, dtype=torch.bool, device=q.device).tril()
+    want = F.scaled_dot_product_attention(q, clean_k, clean_v, attn_mask=both)
+    torch.testing.assert_close(attention_reference(q, k, v, kv_lens=kv_lens, causal=True), want,
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_kv_lens_values_are_checked_again_after_a_change():
+    """Values are read once per tensor; an in-place change is seen (the version counter)."""
+    q, k, v, _ = _inputs(2, 1, 3, 6, 16, torch.float32, seed=53)
+    lens = torch.tensor([6, 2], device=q.device)
+    attention(q, k, v, kv_lens=lens)
+    lens[1] = 0
+    with pytest.raises(ValueError, match=r"kv_lens must lie in \[1, Lk\] = \[1, 6\]; got \[0\]"):
+        attention(q, k, v, kv_lens=lens)
+    with pytest.raises(ValueError, match=r"kv_lens.*got \[7\]"):
+        attention(q, k, v, kv_lens=torch.tensor([7, 1], device=q.device), backend="triton")
+
+
+def _bad_kv_lens(**changes):
+    base = {"q": torch.randn(2, 3, 5, 16), "k": torch.randn(2, 3, 7, 16),
+            "v": torch.randn(2, 3, 7, 16), "kv_lens": torch.tensor([7, 3])}
+    return {**base, **changes}
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (_bad_kv_lens(kv_lens=[7, 3]), TypeError, "kv_lens must be a torch.Tensor"),
+    (_bad_kv_lens(kv_lens=torch.tensor([7, 3], dtype=torch.int32)), TypeError, "kv_lens.*int64"),
+    (_bad_kv_lens(kv_lens=torch.tensor([7.0, 3.0])), TypeError, "kv_lens.*int64"),
+    (_bad_kv_lens(kv_lens=torch.tensor([7, 3, 1])), ValueError, r"kv_lens.*shape \[B\] = \[2\]"),
+    (_bad_kv_lens(kv_lens=torch.tensor([[7], [3]])), ValueError, r"kv_lens.*shape"),
+    (_bad_kv_lens(kv_lens=torch.tensor([7, 3], device="meta")), ValueError, "kv_lens is on meta"),
+    (_bad_kv_lens(kv_lens=torch.tensor([0, 3])), ValueError, r"kv_lens.*\[1, 7\].*\[0\]"),
+    (_bad_kv_lens(kv_lens=torch.tensor([8, -1])), ValueError, r"kv_lens.*\[8, -1\]"),
+    (_bad_kv_lens(kv_lens=torch.tensor([7, 3]), layout="blhd"), ValueError,
+     "batch and heads"),  # checked after the shapes
+])
+def test_bad_kv_lens_raise(kwargs, error, match):
+    kwargs = dict(kwargs)
+    q, k, v = kwargs.pop("q"), kwargs.pop("k"), kwargs.pop("v")
+    with pytest.raises(error, match=match):
+        attention(q, k, v, **kwargs)
+    if "layout" not in kwargs:
+        with pytest.raises(error, match=match):
+            attention_reference(q, k, v, **kwargs)

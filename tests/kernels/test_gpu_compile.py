@@ -5,7 +5,8 @@ pass them and still fail to compile for a GPU, or compile into code without tens
 with register spills. `tools/gpu_compile_check.py` compiles the package's real launches for
 sm_90 through PTX to machine code with a stand-in driver that launches nothing; this test runs
 it (in a subprocess: the interpreter must be off there) on a representative set and checks the
-machine code: everything compiles, half-precision attention uses Hopper's warpgroup MMA, the
+machine code: everything compiles (attention also in its key-padding variant, ``kv_lens``),
+half-precision attention uses Hopper's warpgroup MMA, the
 fused kernels move data in 128-bit loads and stores, and nothing spills.
 
 Not asserted, because it is not true yet: at head dimension 72 (DiT) a row is 72 elements, a
@@ -50,7 +51,9 @@ def test_kernels_compile_for_sm90(tmp_path):
     fused = [r for r in records if r["family"] == "fused"]
     attention = [r for r in records if r["family"] == "attention"]
     candidates = sum(len(configs_for(which, 128)) for which in ("fwd", "dkdv", "dq"))
-    assert len(fused) == 10 and len(attention) == 2 * 3 + candidates + 3
+    # Every attention launch is compiled without and with kv_lens (key padding).
+    assert len(fused) == 10 and len(attention) == 2 * (2 * 3 + candidates + 3)
+    assert sum(r["kv_lens"] for r in attention) == len(attention) // 2
     for r in fused:
         assert r["spill_bytes"] == 0, r
         if r["dtype"] == "torch.float32":
