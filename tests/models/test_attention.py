@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from stepdiff.models.attention import Attention
+from stepdiff.models.attention import Attention, context_lengths
 
 
 def _plain(layer: Attention, x, context=None):
@@ -101,3 +101,83 @@ def test_gradients_flow_through_the_triton_kernels():
 def test_bad_configuration():
     with pytest.raises(ValueError, match="divisible"):
         Attention(30, heads=4)
+
+
+# --- context_mask: a right-padded context ------------------------------------------------------
+
+
+def _padded(B, L, dim, lengths, seed=0, fill=1e4):
+    """A context [B, L, dim] whose padding positions hold large garbage, and its mask."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.arange(L)[None, :] < torch.tensor(lengths)[:, None]
+    context = torch.randn(B, L, dim, generator=g)
+    context = torch.where(mask[:, :, None], context, fill * torch.randn(B, L, dim, generator=g))
+    return context, mask
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("self_attention", [False, True], ids=["cross", "self"])
+def test_padding_tokens_change_nothing(backend, self_attention):
+    """Each row with its context padded to L (padding filled with large garbage) gives the output
+    and gradients it gets with only its real tokens: cross-attention (image tokens to text) and
+    self-attention over padded text (at the real tokens), on the reference path and the kernels."""
+    torch.manual_seed(4)
+    dim, ctx_dim, L, lengths = 24, 10, 9, [9, 4, 1]
+    B = len(lengths)
+    layer = Attention(dim, heads=3, context_dim=None if self_attention else ctx_dim, qkv_bias=True,
+                      backend=backend)
+    if self_attention:
+        x, mask = _padded(B, L, dim, lengths)
+        context, queries = x.requires_grad_(), x
+        out = layer(x, context_mask=mask)
+        weight = torch.randn(out.shape) * mask[:, :, None]  # a loss that reads the real tokens only
+    else:
+        queries = torch.randn(B, 7, dim, requires_grad=True)
+        context, mask = _padded(B, L, ctx_dim, lengths)
+        context.requires_grad_()
+        out = layer(queries, context, mask)
+        weight = torch.randn(out.shape)
+    (out * weight).sum().backward()
+    batch_grads = [p.grad.clone() for p in layer.parameters()]
+    row_grads = [torch.zeros_like(p) for p in layer.parameters()]
+    for b, n in enumerate(lengths):
+        layer.zero_grad()
+        cb = context.detach()[b : b + 1, :n].clone().requires_grad_()
+        if self_attention:
+            out_b, rows = layer(cb), slice(0, n)
+        else:
+            qb = queries.detach()[b : b + 1].clone().requires_grad_()
+            out_b, rows = layer(qb, cb), slice(None)
+        torch.testing.assert_close(out[b : b + 1, rows], out_b, rtol=1e-5, atol=1e-5)
+        (out_b * weight[b : b + 1, rows]).sum().backward()
+        torch.testing.assert_close(context.grad[b : b + 1, :n], cb.grad, rtol=1e-4, atol=1e-5)
+        assert torch.equal(context.grad[b, n:], torch.zeros_like(context.grad[b, n:]))
+        if not self_attention:
+            torch.testing.assert_close(queries.grad[b : b + 1], qb.grad, rtol=1e-4, atol=1e-5)
+        row_grads = [g + p.grad for g, p in zip(row_grads, layer.parameters())]
+    for g_batch, g_rows in zip(batch_grads, row_grads):
+        torch.testing.assert_close(g_batch, g_rows, rtol=1e-4, atol=1e-5)
+
+
+def test_context_lengths():
+    mask = torch.tensor([[True, True, False], [True, False, False], [True, True, True]])
+    lengths = context_lengths(mask, 3, 3)
+    assert lengths.dtype == torch.int64 and lengths.tolist() == [2, 1, 3]
+    assert context_lengths(mask, 3, 3) is lengths  # checked once per mask
+    mask[1, 1] = True  # an in-place change is seen
+    assert context_lengths(mask, 3, 3).tolist() == [2, 2, 3]
+
+
+def test_bad_context_mask():
+    layer = Attention(16, heads=2, context_dim=8)
+    x, ctx = torch.randn(2, 5, 16), torch.randn(2, 4, 8)
+    with pytest.raises(TypeError, match="context_mask must be a bool tensor"):
+        layer(x, ctx, torch.ones(2, 4))
+    with pytest.raises(ValueError, match=r"context_mask must have shape \[2, 4\]"):
+        layer(x, ctx, torch.ones(2, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"row 1 is not a run of True then False: \[1, 0, 1, 0\]"):
+        layer(x, ctx, torch.tensor([[True, True, True, True], [True, False, True, False]]))
+    with pytest.raises(ValueError, match="row 0 has no True"):
+        layer(x, ctx, torch.tensor([[False] * 4, [True] * 4]))
+    with pytest.raises(ValueError, match="row 1 is not a run"):
+        layer(x, ctx, torch.tensor([[True] * 4, [False, True, True, True]]))  # left padding

@@ -1,0 +1,132 @@
+r"""What the image networks share: the sinusoidal time embedding and the checks of their inputs.
+
+Every image denoiser of the package (:class:`~stepdiff.models.unet.UNet`,
+:class:`~stepdiff.models.dit.DiT`) is called as ``model(x, t, y=None, context=None,
+context_mask=None)``:
+
+- ``x`` ``[B, C, H, W]``, ``t`` a float or ``[B]`` in $[0, 1]$;
+- ``y`` ``[B]`` class ids in $0..K$, where $K$ = ``n_classes`` is the null class ("no label");
+- ``context`` ``[B, L, D_c]`` (text tokens) with ``context_mask`` ``[B, L]`` (``True`` for a
+  real token, padding on the right).
+
+The helpers here check those arguments once per call, with errors that name the argument and
+the offending value, so that a wrong input never fails deep inside a convolution.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["timestep_embedding", "TimestepEmbedder", "zero_", "batch_time", "check_labels", "check_context"]
+
+
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0, time_scale: float = 1000.0) -> Tensor:
+    r"""Sinusoidal features of the time, as in the Transformer and DDPM: ``[B]`` to ``[B, dim]``.
+
+    $$\gamma(t) = \big(\cos(s t\,\omega_k),\ \sin(s t\,\omega_k)\big)_{k < \mathrm{dim}/2},\qquad
+    \omega_k = P^{-k/(\mathrm{dim}/2)},$$
+
+    with $P$ = ``max_period`` and $s$ = ``time_scale``. DDPM and DiT embed an integer step
+    $0..999$; the package's continuous $t\in[0,1]$ is scaled by $s = 1000$ so that the same
+    frequencies see the same spacing of noise levels. Computed in float32 whatever the input
+    dtype (a bfloat16 $t$ would round $1000t$ to steps of up to 4). An odd ``dim`` gets one zero
+    feature at the end.
+    """
+    half = dim // 2
+    k = torch.arange(half, device=t.device, dtype=torch.float32)
+    freqs = torch.exp(-math.log(max_period) * k / half)
+    angles = (time_scale * t.float())[:, None] * freqs[None, :]
+    emb = torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=1)
+    return emb
+
+
+class TimestepEmbedder(nn.Module):
+    r"""$e(t) = W_2\,\mathrm{SiLU}(W_1\gamma(t) + b_1) + b_2$: sinusoidal features, then a 2-layer MLP.
+
+    ``freq_dim`` features of :func:`timestep_embedding` to ``dim`` outputs (DDPM: the base
+    width to 4x it; DiT: 256 to the hidden width).
+    """
+
+    def __init__(self, freq_dim: int, dim: int) -> None:
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t: Tensor) -> Tensor:
+        emb = timestep_embedding(t, self.freq_dim)
+        return self.mlp(emb.to(self.mlp[0].weight.dtype))
+
+
+def zero_(module: nn.Module) -> nn.Module:
+    """Set every parameter of ``module`` to zero (a residual branch that starts switched off)."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+def batch_time(t: Tensor | float, batch: int, device: torch.device) -> Tensor:
+    """``t`` as a float32 tensor ``[B]`` (a scalar is broadcast); error on any other shape."""
+    t = torch.as_tensor(t, device=device)
+    if t.is_complex() or not (t.is_floating_point() or t.dtype in (torch.int32, torch.int64)):
+        raise ValueError(f"t must be a real number or a float tensor; got dtype {t.dtype}")
+    t = t.float()
+    if t.ndim == 0:
+        t = t.expand(batch)
+    if t.shape != (batch,):
+        raise ValueError(f"t must be a scalar or have shape [{batch}] (one per sample); got {tuple(t.shape)}")
+    return t
+
+
+def check_labels(y: Tensor | None, n_classes: int, batch: int, device: torch.device) -> Tensor | None:
+    """Labels ``[B]`` in $0..K$ ($K$ = ``n_classes``, the null class); ``None`` becomes all-null for a
+    conditional model and stays ``None`` for an unconditional one."""
+    if y is None:
+        return torch.full((batch,), n_classes, device=device, dtype=torch.long) if n_classes > 0 else None
+    if n_classes == 0:
+        raise ValueError("this model is unconditional (n_classes = 0) but got labels y")
+    if not isinstance(y, Tensor) or y.shape != (batch,) or y.dtype not in (torch.int32, torch.int64):
+        desc = f"{y.dtype} {tuple(y.shape)}" if isinstance(y, Tensor) else type(y).__name__
+        raise ValueError(f"y must be integer labels of shape [{batch}]; got {desc}")
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) > n_classes):
+        raise ValueError(
+            f"y must lie in 0..{n_classes} (the last is the null class); got values in [{int(y.min())}, {int(y.max())}]"
+        )
+    return y.to(device=device, dtype=torch.long)
+
+
+def check_context(
+    context: Tensor | None, context_mask: Tensor | None, context_dim: int, batch: int
+) -> tuple[Tensor | None, Tensor | None]:
+    """Check a context ``[B, L, D_c]`` against the model's ``context_dim`` (0: no cross-attention) and
+    its mask ``[B, L]`` (bool); returns them unchanged. Whether the mask is a right-padding mask is
+    checked by :class:`~stepdiff.models.attention.Attention`."""
+    if context is None:
+        if context_mask is not None:
+            raise ValueError("context_mask was given without a context")
+        if context_dim > 0:
+            raise ValueError(
+                f"this model attends to a context of width {context_dim} (context_dim) and needs one: "
+                "pass context [B, L, context_dim] (a guidance or text wrapper supplies it for sampling)"
+            )
+        return None, None
+    if context_dim == 0:
+        raise ValueError("this model has no cross-attention (context_dim = 0) but got a context")
+    if not isinstance(context, Tensor) or context.ndim != 3 or not context.is_floating_point():
+        desc = f"{context.dtype} {tuple(context.shape)}" if isinstance(context, Tensor) else type(context).__name__
+        raise ValueError(f"context must be a float tensor [B, L, {context_dim}]; got {desc}")
+    if context.shape[0] != batch or context.shape[2] != context_dim or context.shape[1] < 1:
+        raise ValueError(
+            f"context must have shape [{batch}, L, {context_dim}] (batch of x, L >= 1, the model's "
+            f"context_dim); got {tuple(context.shape)}"
+        )
+    if context_mask is not None and (
+        not isinstance(context_mask, Tensor) or context_mask.shape != context.shape[:2]
+    ):
+        shape = tuple(context_mask.shape) if isinstance(context_mask, Tensor) else type(context_mask).__name__
+        raise ValueError(f"context_mask must have shape {list(context.shape[:2])} (one per context token); got {shape}")
+    return context, context_mask
