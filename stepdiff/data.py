@@ -15,16 +15,14 @@ like the $\mathcal N(0, I)$ noise they are paired with.
 - :func:`annulus`: uniform on a ring, the tutorial's base distribution in Figures 7 and 9.
 - :func:`mixture_1d`: a three-component 1-D mixture, the one target of chapters I.1 and I.2.
 
-Images, scaled to $[-1, 1]$ with shape ``[N, C, H, W]``: :func:`load_digits` (scikit-learn's
-8x8 handwritten digits, installed with scikit-learn) and :func:`load_image_folder` (any folder
-of image files, read with Pillow).
+Images live in :mod:`stepdiff.image_data` (digits with a fixed split, MNIST, Fashion-MNIST,
+CIFAR-10, image folders) and procedural scenes in :mod:`stepdiff.shapes`; ``ImageSet``,
+``load_digits``, ``load_image_folder`` and ``IMAGE_EXTENSIONS`` are re-exported here.
 """
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
-from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -297,80 +295,6 @@ def mixture_1d(
     return GaussianMixture(means_t, variances, torch.tensor(weights, dtype=torch.float64))
 
 
-# --- images -----------------------------------------------------------------------------------
+# --- images: they live in stepdiff.image_data; re-exported here for existing imports ------------
 
-
-class ImageSet(NamedTuple):
-    """Images ``[N, C, H, W]`` (float32 in $[-1, 1]$), labels ``[N]`` (int64), class names."""
-
-    images: Tensor
-    labels: Tensor
-    classes: list[str]
-
-
-def load_digits() -> ImageSet:
-    r"""scikit-learn's 8x8 handwritten digits (1797 images, 10 classes), no download needed.
-
-    The pixels are integers $0..16$; they become $x = p/8 - 1 \in [-1, 1]$, shape
-    ``[1797, 1, 8, 8]``, float32, in scikit-learn's order. ``labels`` are the digits $0..9$.
-    """
-    from sklearn.datasets import load_digits as sklearn_digits
-
-    bunch = sklearn_digits()
-    images = torch.as_tensor(bunch.images, dtype=f32)[:, None] / 8.0 - 1.0
-    labels = torch.as_tensor(bunch.target, dtype=torch.int64)
-    return ImageSet(images, labels, [str(c) for c in bunch.target_names])
-
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-
-
-def _image_files(folder: Path) -> list[Path]:
-    files = (p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-    return sorted(files)
-
-
-def _read_image(path: Path, size: int, mode: str) -> Tensor:
-    """One file as ``[C, size, size]`` in $[-1, 1]$: centre-cropped to a square, then resized."""
-    from PIL import Image
-
-    with Image.open(path) as img:
-        img = img.convert(mode)
-        w, h = img.size
-        side = min(w, h)
-        left, top = (w - side) // 2, (h - side) // 2
-        img = img.crop((left, top, left + side, top + side))
-        img = img.resize((size, size), Image.Resampling.BICUBIC)
-        pixels = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
-    return pixels.reshape(size, size, len(mode)).permute(2, 0, 1).to(f32) / 127.5 - 1.0
-
-
-def load_image_folder(path: str | Path, size: int, channels: int = 3) -> ImageSet:
-    r"""Every image file in a folder, as ``[N, C, size, size]`` float32 in $[-1, 1]$.
-
-    Layout: either image files directly in ``path`` (one class, named ``""``), or one
-    sub-folder per class (the layout of torchvision's ``ImageFolder``), classes sorted by
-    name and numbered from 0. Files are read in sorted order with Pillow, converted to
-    grayscale (``channels=1``) or RGB (``channels=3``), centre-cropped to a square, resized
-    to ``size`` $\times$ ``size`` (bicubic, antialiased), and scaled by $x = p/127.5 - 1$.
-    Extensions: :data:`IMAGE_EXTENSIONS`. Everything is loaded into memory at once.
-    """
-    root = Path(path)
-    if not root.is_dir():
-        raise FileNotFoundError(f"no such folder: {root}")
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise ValueError(f"size must be a positive integer; got {size!r}")
-    if channels not in (1, 3):
-        raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB); got {channels!r}")
-    top_files = _image_files(root)
-    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if top_files and subdirs:
-        raise ValueError(f"{root} holds both image files and sub-folders; use one sub-folder per class, or only files")
-    groups = [("", top_files)] if top_files else [(d.name, _image_files(d)) for d in subdirs]
-    files = [(label, f) for label, (_, fs) in enumerate(groups) for f in fs]
-    if not files:
-        raise ValueError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found in {root}")
-    mode = "L" if channels == 1 else "RGB"
-    images = torch.stack([_read_image(f, size, mode) for _, f in files])
-    labels = torch.tensor([label for label, _ in files], dtype=torch.int64)
-    return ImageSet(images, labels, [name for name, _ in groups])
+from .image_data import IMAGE_EXTENSIONS, ImageSet, load_digits, load_image_folder  # noqa: E402
