@@ -150,7 +150,7 @@ def diffusion_loss(
       ``schedule=FlowMatchingSchedule()``, ``prediction="velocity"``, $x_1$ = ``noise``
       (Gaussian by default, or e.g. an :func:`~stepdiff.data.annulus` sample):
       $x_t = (1-t)x_0 + t x_1$ and the target is $dx_t/dt = x_1 - x_0$. The tutorial's target
-      is $x_0 - x_1$, the same field with its sign convention $dx_t/dt = -v_t$ (its eq. 59);
+      is $x_0 - x_1$, the same field with its sign convention $dx_t/dt = -v_t$ (the tutorial's (T59));
       our samplers integrate $dx/dt$ directly, so a network trained here is used with
       ``prediction="velocity"`` as it is.
     """
