@@ -1,6 +1,22 @@
-"""Small networks for the book: an MLP for 2-D toys and attention layers for images."""
+"""Small networks for the book: an MLP for 2-D toys, and for images a UNet, a DiT, the attention
+layer they share and a small text encoder."""
 
 from .attention import Attention
+from .dit import DIT_PRESETS, DiT, DiTConfig
 from .mlp import MLP, MLPConfig
+from .text import TextConditioned, TextEncoder
+from .unet import UNET_PRESETS, UNet, UNetConfig
 
-__all__ = ["Attention", "MLP", "MLPConfig"]
+__all__ = [
+    "Attention",
+    "MLP",
+    "MLPConfig",
+    "UNet",
+    "UNetConfig",
+    "UNET_PRESETS",
+    "DiT",
+    "DiTConfig",
+    "DIT_PRESETS",
+    "TextEncoder",
+    "TextConditioned",
+]
