@@ -37,20 +37,26 @@ sines and cosines are taken per object with Python's :mod:`math`.
 
 - ``labels``: the index in :data:`SHAPES` of the first object's shape (the first object is the
   first one drawn and the first one the caption names). For one-object scenes it is *the* shape.
-- Captions come from a small grammar (:func:`caption`, parsed back by :func:`parse_caption`)::
-
-      caption  := clause ("and" clause)*          (with a comma before all but the last "and")
-      clause   := object [relation object]
-      object   := ("a" | "an") [size] [colour] shape [location]
-      location := "at the" cell | "on the left" | "on the right" | "in the centre"
-      relation := "left of" | "right of" | "above" | "below"
-
-  e.g. "a small red circle at the top left", "a large blue square left of a small green
-  triangle", "a small white star at the top, a large cyan ring on the left and a small orange
-  heart at the bottom right". The relation between two objects is derived from their cells by
-  :func:`relation`.
 - ``targets [N, 9, 3]``: per cell, ``(shape, colour, size)`` ids, ``0`` for an empty cell and
   ``1 + index`` into :data:`SHAPES`, :data:`COLOURS`, :data:`SIZES`.
+- Captions come from a small grammar (:func:`caption`, parsed back by :func:`parse_caption`):
+
+```text
+caption  := clause (("," | "and" | ", and") clause)*
+clause   := object [relation object]
+object   := ("a" | "an") [size] [colour] shape [location]
+location := "at the" cell | "on the left" | "on the right" | "in the centre"
+relation := "left of" | "right of" | "above" | "below"
+```
+
+:func:`caption` always writes the size and colour, and either every object's location
+(style ``"positional"``: "a small red circle at the top left", "a small white star at the
+top, a large cyan ring on the left and a small orange heart at the bottom right") or, for the
+first two objects, their relation (style ``"relational"``: "a large blue square left of a
+small green triangle", with a third object located: "... and a small red cross at the
+bottom"). A one-object caption always carries its location. The relation between two objects
+is derived from their cells by :func:`relation`. Prompts may leave out sizes, colours and
+locations ("a blue square left of a green triangle"); :func:`scene_from_caption` fills them in.
 
 Entry points: :func:`make_shapes` (a dataset of ``n`` seeded scenes), :func:`sample_scenes`
 (the records only), :func:`render` (images, masks, edges of given records),
@@ -1086,7 +1092,7 @@ def scene_from_caption(text: str, seed: int = 0, index: int = 0) -> Scene:
 # --- datasets ---------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(eq=False)
 class ShapesDataset:
     r"""A batch of shapes scenes and everything derived from them (see the module docstring).
 

@@ -3,15 +3,13 @@ r"""A word-level tokenizer over the shapes captions' grammar (:mod:`stepdiff.sha
 The vocabulary is fixed: four special tokens, then every word the caption grammar can write
 (:data:`stepdiff.shapes.CAPTION_WORDS`), in that order, so token ids never change between runs:
 
-====  =========  ==========================================================
-id    token      meaning
-====  =========  ==========================================================
-0     ``<pad>``  right padding; masked out (:meth:`Tokenizer.mask`)
-1     ``<unk>``  any word outside the vocabulary
-2     ``<bos>``  begins every row, so no row is all padding
-3     ``<eos>``  ends every row
-4...  words      ``a``, ``an``, sizes, colours, shapes, location and relation words, ``and``
-====  =========  ==========================================================
+| id | token | meaning |
+|---|---|---|
+| 0 | `<pad>` | right padding; masked out (`Tokenizer.mask`) |
+| 1 | `<unk>` | any word outside the vocabulary |
+| 2 | `<bos>` | begins every row, so no row is all padding |
+| 3 | `<eos>` | ends every row |
+| 4, ... | words | `a`, `an`, sizes, colours, shapes, location and relation words, `and` |
 
 A prompt is lowercased and split into runs of letters and digits (punctuation and hyphens
 separate words and are dropped); :data:`stepdiff.shapes.WORD_ALIASES` maps a few spellings
