@@ -466,9 +466,11 @@ def sample_dpmpp_2m(
     return_trajectory: bool = False,
     progress: bool = False,
 ) -> Tensor:
-    r"""DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2), multistep second order in $\lambda = \log(\alpha/\sigma)$.
+    r"""DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2), multistep second order in $\lambda/2 = \log(\alpha/\sigma)$.
 
-    With $h_i = \lambda_{t_{i+1}} - \lambda_{t_i}$ and $r_i = h_{i-1}/h_i$:
+    Here $\lambda = \log(\alpha^2/\sigma^2)$ is the log-SNR (``schedule.log_snr``), as in the book;
+    Lu et al. write $\lambda$ for its half. With $h_i = \tfrac12(\lambda_{t_{i+1}} - \lambda_{t_i})$ and
+    $r_i = h_{i-1}/h_i$:
     $$x_{t_{i+1}} = \frac{\sigma_{t_{i+1}}}{\sigma_{t_i}}x_{t_i} + \alpha_{t_{i+1}}\big(1 - e^{-h_i}\big)D_i,
     \qquad D_i = \Big(1 + \frac1{2r_i}\Big)\hat x_0^{(i)} - \frac1{2r_i}\hat x_0^{(i-1)},$$
     with $D_i = \hat x_0^{(i)}$ at the first step and at the last (which lands on $x_0 = D$).
