@@ -51,10 +51,15 @@ def context_lengths(context_mask: Tensor, batch: int, length: int) -> Tensor:
         raise ValueError(
             f"context_mask must have shape [{batch}, {length}] (batch, context length); got {tuple(context_mask.shape)}"
         )
-    entry = _LENGTHS.get(id(context_mask))
+    # Tensors made under torch.inference_mode have no version counter: they are checked every time.
+    cached = not context_mask.is_inference()
+    entry = _LENGTHS.get(id(context_mask)) if cached else None
     if entry is not None and entry[0]() is context_mask and entry[1] == context_mask._version:
         return entry[2]
-    lengths = context_mask.sum(1)
+    # A plain tensor even under inference_mode, so that the kernel can remember it checked it
+    # (an inference tensor has no version counter).
+    with torch.inference_mode(False):
+        lengths = context_mask.sum(1)
     if not (context_mask.is_cuda and torch.cuda.is_current_stream_capturing()):  # values unreadable in capture
         prefix = torch.arange(length, device=context_mask.device)[None, :] < lengths[:, None]
         bad = (prefix != context_mask).any(1) | (lengths == 0)
@@ -65,10 +70,11 @@ def context_lengths(context_mask: Tensor, batch: int, length: int) -> Tensor:
                 f"context_mask must pad on the right (each row: True for the real tokens, then False); "
                 f"row {row} {what}: {context_mask[row].int().tolist()}"
             )
-    if len(_LENGTHS) > 64:  # drop the entries of masks that are gone
-        for key in [key for key, e in _LENGTHS.items() if e[0]() is None]:
-            del _LENGTHS[key]
-    _LENGTHS[id(context_mask)] = (weakref.ref(context_mask), context_mask._version, lengths)
+    if cached:
+        if len(_LENGTHS) > 64:  # drop the entries of masks that are gone
+            for key in [key for key, e in _LENGTHS.items() if e[0]() is None]:
+                del _LENGTHS[key]
+        _LENGTHS[id(context_mask)] = (weakref.ref(context_mask), context_mask._version, lengths)
     return lengths
 
 

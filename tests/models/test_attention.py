@@ -168,6 +168,24 @@ def test_context_lengths():
     assert context_lengths(mask, 3, 3).tolist() == [2, 2, 3]
 
 
+def test_context_mask_under_inference_mode():
+    """Sampling runs under torch.inference_mode, where tensors have no version counter: the mask is
+    checked every time (a bad one is still caught) and the lengths are a plain tensor."""
+    layer = Attention(16, heads=2, context_dim=8)
+    x, ctx = torch.randn(2, 5, 16), torch.randn(2, 4, 8)
+    mask = torch.tensor([[True, True, False, False], [True] * 4])
+    want = layer(x, ctx, mask)
+    with torch.inference_mode():
+        inference_mask = mask.clone()
+        lengths = context_lengths(inference_mask, 2, 4)
+        assert not lengths.is_inference() and lengths.tolist() == [2, 4]
+        torch.testing.assert_close(layer(x, ctx, inference_mask), want, rtol=0, atol=0)
+        torch.testing.assert_close(layer(x, ctx, mask), want, rtol=0, atol=0)
+        inference_mask[0, 3] = True  # no version counter moves, yet the change is seen
+        with pytest.raises(ValueError, match="row 0 is not a run"):
+            layer(x, ctx, inference_mask)
+
+
 def test_bad_context_mask():
     layer = Attention(16, heads=2, context_dim=8)
     x, ctx = torch.randn(2, 5, 16), torch.randn(2, 4, 8)
