@@ -4,7 +4,8 @@
 
 For every executed chapter (a page built from a notebook): the page offers its notebook for
 download and the notebook exists with outputs; the page shows no traceback; math was
-rendered; no absolute machine path leaked into the page. Exit status 1 on any problem.
+rendered; no absolute machine path leaked into the page. The page "What this book verifies"
+exists, shows its tables, and lists no failed check. Exit status 1 on any problem.
 """
 
 from __future__ import annotations
@@ -52,6 +53,15 @@ def check(site: Path) -> list[str]:
             problems.append(f"{doc}: absolute path on the page near {html[leak.start():leak.start() + 60]!r}")
     if chapters and len(chapters) < len(executed):
         problems.append(f"{len(executed)} chapters executed but only {len(chapters)} offered for download")
+    ledger = site / "book" / "ledger.html"
+    if executed and not ledger.exists():
+        problems.append("no ledger page book/ledger.html ('What this book verifies')")
+    elif executed:
+        page = ledger.read_text(encoding="utf-8")
+        if "stepdiff-ledger-table" not in page:
+            problems.append("the ledger page shows no table of checks")
+        if "✗ failed" in page:
+            problems.append("the ledger page lists a failed check")
     return problems
 
 

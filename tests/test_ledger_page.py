@@ -141,13 +141,15 @@ def _project(tmp_path: Path, chapter_rows: list[ledger.Row]) -> Path:
     return src
 
 
-def _build(src: Path) -> tuple[str, str]:
+def _build(src: Path, parallel: int = 0) -> tuple[str, str]:
     from sphinx.application import Sphinx
+    from sphinx.util.docutils import docutils_namespace
 
     out, warnings = src.parent / "out", io.StringIO()
-    app = Sphinx(str(src), str(src), str(out), str(out / ".doctrees"), "html",
-                 status=io.StringIO(), warning=warnings, freshenv=True)
-    app.build(force_all=True)
+    with docutils_namespace():  # each build registers its nodes and directives afresh
+        app = Sphinx(str(src), str(src), str(out), str(out / ".doctrees"), "html",
+                     status=io.StringIO(), warning=warnings, freshenv=True, parallel=parallel)
+        app.build(force_all=True)
     return warnings.getvalue(), (out / "verified.html").read_text(encoding="utf-8")
 
 
@@ -171,6 +173,22 @@ def test_a_statement_without_a_row_fails_the_build(tmp_path):
     warnings, page = _build(_project(tmp_path, [_row("one holds", label="Claim 1")]))
     assert "of the tutorial's statements have no ledger row in any chapter: Claim 2" in warnings
     assert "1 not covered" in page
+
+
+def test_rows_read_in_parallel_processes_are_merged(tmp_path):
+    """With parallel reading (more than five documents), each process's rows reach the page."""
+    src = _project(tmp_path, [_row("one holds", label="Claim 1")])
+    names = [f"more{i}" for i in range(6)]
+    for i, name in enumerate(names):
+        row = ledger._html(_row(f"row of document {i}", label="Claim 2" if i == 5 else None))
+        (src / f"{name}.rst").write_text(f"Doc {i}\n=====\n\n.. raw:: html\n\n   {row}\n", encoding="utf-8")
+    index = (src / "index.rst").read_text(encoding="utf-8")
+    (src / "index.rst").write_text(index + "".join(f"   {n}\n" for n in names), encoding="utf-8")
+    warnings, page = _build(src, parallel=2)
+    assert "ledger" not in warnings, warnings
+    assert all(f"row of document {i}" in page for i in range(6))
+    assert "1 is checked, 0 stated only, and 0 not covered" not in page  # both are checked
+    assert "2 are checked, 0 stated only, and 0 not covered" in page
 
 
 # --- the book uses it ---------------------------------------------------------------------------------
