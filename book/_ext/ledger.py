@@ -93,7 +93,12 @@ def rows_in(doctree: nodes.Node) -> list[dict]:
         if "html" not in raw.get("format", "").split() or HTML_CLASS not in raw.astext():
             continue
         for payload in DATA.findall(raw.astext()):
-            row = json.loads(html.unescape(payload))
+            try:
+                row = json.loads(html.unescape(payload))
+            except json.JSONDecodeError as err:
+                logger.warning(f"ledger: a row's data could not be read ({err})", location=raw,
+                               type="ledger", subtype="unreadable")
+                continue
             section = next((a for a in _ancestors(raw) if isinstance(a, nodes.section)), None)
             top = section is not None and not any(isinstance(a, nodes.section) for a in _ancestors(section))
             row["section_id"] = "" if section is None or top or not section["ids"] else section["ids"][0]
