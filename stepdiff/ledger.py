@@ -352,7 +352,11 @@ def glue(name: str, value: Any) -> Any:
         from myst_nb import glue as _myst_glue
     except ImportError:
         return value
-    if hasattr(value, "detach"):  # a 0-d torch tensor formats like a float in the prose
-        value = value.detach().cpu().item() if value.numel() == 1 else value
+    # A one-element torch tensor or a NumPy scalar is stored as a plain Python number, so that
+    # `{glue:text}` with a format spec formats it (myst-nb would store "np.float64(...)").
+    if hasattr(value, "detach") and value.numel() == 1:
+        value = value.detach().cpu().item()
+    elif isinstance(value, (np.generic, np.ndarray)) and np.size(value) == 1:
+        value = np.asarray(value).item()
     _myst_glue(name, value, display=False)
     return value

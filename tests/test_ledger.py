@@ -141,3 +141,17 @@ def test_glue_returns_the_value_and_checks_the_name():
     assert ledger.glue("x", 1.5) == 1.5
     with pytest.raises(ValueError, match="name"):
         ledger.glue("", 1.0)
+
+
+def test_glue_stores_plain_python_numbers(monkeypatch):
+    import sys
+    import types
+
+    seen = {}
+    fake = types.SimpleNamespace(glue=lambda name, value, display: seen.update({name: value}))
+    monkeypatch.setitem(sys.modules, "myst_nb", fake)
+    ledger.glue("a", np.float64(0.25))
+    ledger.glue("b", torch.tensor(3))
+    ledger.glue("c", np.array([2.5]))
+    assert seen == {"a": 0.25, "b": 3, "c": 2.5}
+    assert all(type(v) in (float, int) for v in seen.values())
