@@ -21,8 +21,8 @@ The schedules:
 - :class:`DiscreteVPSchedule`: the discrete schedules in the vocabulary of diffusers
   (``num_train_timesteps``, ``beta_schedule``, ``alphas_cumprod``, ``timestep_spacing``).
 
-Time grids for samplers (uniform, quadratic, Karras-$\rho$, the SD3 time shift, and the
-diffusers spacings) come from :func:`time_grid`.
+Time grids for samplers (uniform, quadratic, Karras-$\rho$, uniform in log-SNR, the SD3 time
+shift, and the diffusers spacings) come from :func:`time_grid`.
 """
 
 from __future__ import annotations
@@ -550,7 +550,22 @@ def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) 
     return (hi + ramp * (lo - hi)) ** rho
 
 
-SPACINGS = ("uniform", "quadratic", "karras", *TIMESTEP_SPACINGS)
+SPACINGS = ("uniform", "quadratic", "karras", "logsnr", *TIMESTEP_SPACINGS)
+
+
+def _top_noise_level(schedule: Schedule, t_max: float, sigma_max: float | None, spacing: str) -> float:
+    """The VE noise level a grid starts from: ``sigma_max``, else the schedule's level at ``t_max``."""
+    if sigma_max is not None:
+        if not (math.isfinite(sigma_max) and sigma_max > 0):
+            raise ValueError(f"sigma_max must be a positive finite number; got {sigma_max}")
+        return float(sigma_max)
+    s_max = float(schedule.sigma_ve(t_max))
+    if not math.isfinite(s_max):
+        raise ValueError(
+            f"the schedule's noise level at t_max={t_max} is infinite; pass sigma_max "
+            f"or a smaller t_max for spacing={spacing!r}"
+        )
+    return s_max
 
 
 def time_grid(
@@ -575,6 +590,14 @@ def time_grid(
     - ``"karras"``: the $\rho$-spaced VE noise levels of :func:`karras_sigmas` between
       ``sigma_min`` and ``sigma_max`` (default: the schedule's level at $t_{\max}$), mapped to
       times through the schedule's $\lambda^{-1}$, then $t = 0$. Needs ``schedule``.
+    - ``"logsnr"``: $n$ times evenly spaced in $\lambda(t) = \log(\alpha^2/\sigma^2)$, from
+      $\lambda_0 = \lambda(t_{\max})$ (or $-2\log$ ``sigma_max`` when given) up to
+      $\lambda_{n-1} = -2\log$ ``sigma_min``, then $t = 0$:
+      $t_i = \lambda^{-1}\big(\lambda_0 + \tfrac{i}{n-1}(\lambda_{n-1} - \lambda_0)\big)$,
+      $i = 0, \dots, n-1$. Every step but the last (which denoises, $\lambda = \infty$) then
+      has the same $h = \Delta\lambda/2$ of the exponential integrators (DPM-Solver, UniPC);
+      it is Karras' grid in the limit $\rho \to \infty$ ("exponential" in k-diffusion) and
+      works for any schedule. Needs ``schedule``.
     - ``"leading"``, ``"trailing"``, ``"linspace"``: the diffusers spacings of a
       :class:`DiscreteVPSchedule` (see :meth:`DiscreteVPSchedule.timesteps`).
 
@@ -589,17 +612,29 @@ def time_grid(
         ts = t_max * (1 - i / n_steps)
     elif spacing == "quadratic":
         ts = t_max * (1 - i / n_steps) ** 2
-    elif spacing == "karras":
+    elif spacing in ("karras", "logsnr"):
         if schedule is None:
-            raise ValueError("spacing='karras' needs the schedule (to map noise levels to times)")
-        s_max = float(schedule.sigma_ve(t_max)) if sigma_max is None else float(sigma_max)
-        if not math.isfinite(s_max):
-            raise ValueError(
-                f"the schedule's noise level at t_max={t_max} is infinite; pass sigma_max "
-                "or a smaller t_max for spacing='karras'"
-            )
-        sig = karras_sigmas(n_steps, sigma_min, s_max, rho)
-        ts = torch.cat([schedule.t_from_sigma_ve(sig).clamp(0.0, 1.0), torch.zeros(1, dtype=torch.float64)])
+            raise ValueError(f"spacing={spacing!r} needs the schedule (to map noise levels to times)")
+        s_max = _top_noise_level(schedule, t_max, sigma_max, spacing)
+        if spacing == "karras":
+            sig = karras_sigmas(n_steps, sigma_min, s_max, rho)
+            ts = schedule.t_from_sigma_ve(sig)
+        else:
+            if not 0 < sigma_min < s_max:
+                raise ValueError(f"need 0 < sigma_min < sigma_max; got {sigma_min}, {s_max}")
+            if sigma_max is not None and sigma_max > float(schedule.sigma_ve(1.0)) * (1 + 1e-9):
+                raise ValueError(
+                    f"sigma_max={sigma_max} is above the schedule's largest noise level "
+                    f"{float(schedule.sigma_ve(1.0)):.6g} (at t = 1)"
+                )
+            # The ends in log-SNR: lambda = -2 log sigma_ve. With sigma_max from the schedule,
+            # the first time is t_max itself, not its round trip through lambda^-1.
+            ramp = torch.linspace(0, 1, n_steps, dtype=torch.float64)
+            lam = -2.0 * math.log(s_max) + ramp * (2.0 * math.log(s_max) - 2.0 * math.log(sigma_min))
+            ts = schedule.t_from_log_snr(lam)
+            if sigma_max is None:
+                ts[0] = t_max
+        ts = torch.cat([ts.clamp(0.0, 1.0), torch.zeros(1, dtype=torch.float64)])
     elif spacing in TIMESTEP_SPACINGS:
         if not isinstance(schedule, DiscreteVPSchedule):
             raise ValueError(f"spacing={spacing!r} needs a DiscreteVPSchedule")

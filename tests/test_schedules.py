@@ -165,6 +165,38 @@ def test_time_grids():
     torch.testing.assert_close(time_grid(10, "trailing", disc), disc.time_grid(10, "trailing"))
 
 
+@pytest.mark.parametrize("schedule", ALL, ids=IDS)
+@pytest.mark.parametrize("n", [1, 2, 7, 40])
+def test_logsnr_grid_is_uniform_in_log_snr_and_hits_the_ends(schedule, n):
+    """lambda(t_i) is evenly spaced from lambda(t_max) to -2 log sigma_min, then t = 0; with
+    sigma_max given, from -2 log sigma_max. Checked through the schedule's own lambda."""
+    t_max = 0.9 if schedule.name in ("vp-cosine", "flow") else 1.0  # lambda(1) is -inf for these
+    sigma_min = 0.02 if schedule.name == "discrete-vp" else 0.005
+    ts = time_grid(n, "logsnr", schedule, t_max=t_max, sigma_min=sigma_min)
+    assert ts.numel() == n + 1 and ts.dtype == f64 and ts[0] == t_max and ts[-1] == 0.0
+    assert bool((ts.diff() < 0).all())
+    lam = schedule.log_snr(ts[:-1])
+    lam_ends = (float(schedule.log_snr(t_max)), -2 * math.log(sigma_min))
+    if n == 1:  # one step: from t_max straight to the data
+        assert float(lam[0]) == pytest.approx(lam_ends[0], rel=1e-9)
+        return
+    torch.testing.assert_close(lam, torch.linspace(*lam_ends, n, dtype=f64), rtol=1e-7, atol=1e-7)
+    top = 0.5 * float(schedule.sigma_ve(t_max))
+    ts = time_grid(n, "logsnr", schedule, sigma_min=sigma_min, sigma_max=top)
+    torch.testing.assert_close(
+        schedule.log_snr(ts[:-1]), torch.linspace(-2 * math.log(top), lam_ends[1], n, dtype=f64), rtol=1e-7, atol=1e-7
+    )
+
+
+def test_logsnr_grid_is_the_karras_limit():
+    """Karras' rho-spacing tends to log-spacing of sigma (uniform log-SNR) as rho grows, like 1/rho."""
+    vp = VPLinearSchedule()
+    log_grid = time_grid(12, "logsnr", vp, sigma_min=0.01)
+    karras = [time_grid(12, "karras", vp, sigma_min=0.01, rho=rho) for rho in (7, 70, 700)]
+    gaps = [float((grid - log_grid).abs().max()) for grid in karras]
+    assert gaps[0] > 0.2 and 8 < gaps[0] / gaps[1] < 12 and 8 < gaps[1] / gaps[2] < 12, gaps
+
+
 def test_shift_time():
     assert float(shift_time(0.5, 3.0)) == pytest.approx(0.75)
     t = torch.linspace(0, 1, 11, dtype=f64)
@@ -189,6 +221,16 @@ def test_bad_inputs():
         time_grid(5, "karras")
     with pytest.raises(ValueError, match="infinite"):
         time_grid(5, "karras", FlowMatchingSchedule())
+    with pytest.raises(ValueError, match="logsnr.*needs the schedule"):
+        time_grid(5, "logsnr")
+    with pytest.raises(ValueError, match="infinite.*spacing='logsnr'"):
+        time_grid(5, "logsnr", FlowMatchingSchedule())
+    with pytest.raises(ValueError, match="sigma_min < sigma_max"):
+        time_grid(5, "logsnr", VPLinearSchedule(), sigma_min=500.0)
+    with pytest.raises(ValueError, match="sigma_max must be a positive finite"):
+        time_grid(5, "logsnr", VPLinearSchedule(), sigma_max=-1.0)
+    with pytest.raises(ValueError, match="above the schedule's largest noise level"):
+        time_grid(5, "logsnr", VESchedule(2.5), sigma_max=3.0)
     with pytest.raises(ValueError, match="DiscreteVPSchedule"):
         time_grid(5, "trailing", VPLinearSchedule())
     with pytest.raises(ValueError, match=r"t must lie in \[0, 1\]"):
