@@ -99,8 +99,9 @@ class ClassifierFreeGuidance:
     - ``y``: class ids, an ``int`` (the same class for every sample) or a ``LongTensor [B]``; the
       null condition is ``null`` if given, else ``model.null_class``;
     - ``y``: token ids ``LongTensor [B, L]`` for a text-conditioned model (which embeds them
-      itself); ``null`` is required, token rows ``[L']`` or ``[B, L']`` (e.g. the tokenizer's
-      ``empty(B)``); rows of different lengths are right-padded with ``pad_id``;
+      itself, e.g. :class:`stepdiff.models.TextConditioned`); ``null``: token rows ``[L']`` or
+      ``[B, L']`` (e.g. the tokenizer's ``empty(B)``), by default ``model.null_ids``; rows of
+      different lengths are right-padded with ``pad_id`` (by default ``model.pad_id``);
     - ``context`` ``[B, L, D]`` with ``context_mask`` ``BoolTensor [B, L]`` (``True`` = real token;
       all ``True`` if omitted); ``null_context`` ``[L', D]`` or ``[B, L', D]`` is required, with
       ``null_context_mask`` likewise. The shorter of the two is right-padded with zeros whose mask
@@ -211,9 +212,14 @@ class ClassifierFreeGuidance:
                 self.null = torch.tensor([null], dtype=y.dtype, device=y.device)
             else:
                 if null is None:
-                    raise ValueError(
-                        "token-id conditions need null= (the 'no caption' token row, e.g. the tokenizer's empty())"
-                    )
+                    null = getattr(self.model, "null_ids", None)
+                    if null is None:
+                        raise ValueError(
+                            "token-id conditions need null= (the 'no caption' token row, e.g. the tokenizer's "
+                            "empty()) when the model has no null_ids"
+                        )
+                if self.pad_id is None:
+                    self.pad_id = getattr(self.model, "pad_id", None)
                 if (
                     not isinstance(null, Tensor)
                     or null.dtype not in (torch.int32, torch.int64)

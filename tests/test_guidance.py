@@ -223,14 +223,12 @@ def test_interval_is_honoured_and_skips_the_unconditional_branch():
 class TokenModel:
     """A stand-in text-conditioned model: the output depends on the non-pad token ids only."""
 
-    pad_id = 0
-
     def __init__(self):
         self.seen = []
 
     def __call__(self, x, t, y):
         self.seen.append(y.clone())
-        real = (y != self.pad_id).to(x.dtype)
+        real = (y != 0).to(x.dtype)
         code = (y.to(x.dtype) * real).sum(1) / real.sum(1).clamp(min=1)
         return x * (1 + code[:, None]) + t[:, None]
 
@@ -249,6 +247,9 @@ def test_token_conditions_pad_the_null_row():
     assert torch.equal(ClassifierFreeGuidance(model, 1.0, y=y, null=empty, pad_id=0)(x, t), cond)
     with pytest.raises(ValueError, match="null="):
         ClassifierFreeGuidance(model, 2.0, y=y)
+    # a model that carries its empty caption and pad id (as TextConditioned does) needs neither
+    model.null_ids, model.pad_id = torch.tensor([1]), 0
+    assert torch.equal(ClassifierFreeGuidance(model, 2.0, y=y)(x, t), out)
 
 
 class ContextModel:
@@ -305,3 +306,36 @@ def test_clear_errors():
     # a null class given explicitly works for a model without null_class
     out = ClassifierFreeGuidance(lambda x, t, y: x * (y[:, None] + 1), 2.0, y=y, null=5)(x, t)
     torch.testing.assert_close(out, 6 * x + 2 * (x - 6 * x))
+
+
+def test_package_models_class_and_text_conditioned(one_thread):
+    """The wrapper on the package's own networks: a class-conditional UNet and a text-conditioned one."""
+    from stepdiff.models import TextConditioned, TextEncoder, UNet, UNetConfig
+    from stepdiff.text import Tokenizer
+
+    torch.manual_seed(0)
+    cfg = dict(in_channels=1, channels=8, channel_mult=(1, 2), attn_levels=(1,), heads=2, norm_groups=4)
+    unet = UNet(UNetConfig(n_classes=3, **cfg)).eval()
+    tok = Tokenizer()
+    text = TextConditioned(
+        UNet(UNetConfig(context_dim=16, **cfg)),
+        TextEncoder(tok.vocab_size, dim=16, depth=1, heads=2),
+        tok.pad_id,
+        tok.empty(1),
+    ).eval()
+    for net in (unet, text):
+        with torch.no_grad():
+            for p in net.parameters():  # the output layer starts at zero: give every weight a value
+                p.normal_(0, 0.1)
+    x, t = torch.randn(3, 1, 8, 8), torch.tensor([0.2, 0.5, 0.9])
+    y = torch.tensor([0, 2, 1])
+    ids = tok.encode(["a red circle", "a small blue square at the top left", "a star"])
+    with torch.no_grad():
+        for net, cond, null in ((unet, y, torch.full((3,), 3)), (text, ids, tok.empty(3, ids.shape[1]))):
+            c, u = net(x, t, y=cond), net(x, t, y=null)
+            assert (c - u).abs().max() > 1e-4  # the condition matters
+            assert torch.equal(ClassifierFreeGuidance(net, 1.0, y=cond)(x, t), c)
+            assert torch.equal(ClassifierFreeGuidance(net, 0.0, y=cond)(x, t), u)
+            torch.testing.assert_close(
+                ClassifierFreeGuidance(net, 2.5, y=cond)(x, t), u + 2.5 * (c - u), rtol=1e-5, atol=1e-6
+            )
