@@ -201,3 +201,95 @@ def test_attribute_accuracy_counts_per_asked_object():
     assert rep["shape"] == pytest.approx(2 / 3) and rep["size"] == pytest.approx(2 / 3)
     assert rep["colour"] == pytest.approx(1 / 3)
     assert rep["occupancy"] == pytest.approx(16 / 18)
+
+
+# --- scene errors -------------------------------------------------------------------------------
+
+
+def scene(*objects):
+    """Targets [9, 3] from (cell, shape, colour, size) names."""
+    from stepdiff.shapes import COLOURS, SHAPES, SIZES
+
+    t = torch.zeros(9, 3, dtype=torch.long)
+    for cell, shape, colour, size in objects:
+        t[cell] = torch.tensor([1 + SHAPES.index(shape), 1 + COLOURS.index(colour), 1 + SIZES.index(size)])
+    return t
+
+
+RED_CIRCLE = (0, "circle", "red", "small")
+BLUE_SQUARE = (8, "square", "blue", "large")
+
+
+@pytest.mark.parametrize(
+    "asked, read, kinds",
+    [
+        ([RED_CIRCLE, BLUE_SQUARE], [RED_CIRCLE, BLUE_SQUARE], []),
+        ([RED_CIRCLE], [(0, "square", "red", "small")], ["wrong_shape"]),
+        ([RED_CIRCLE], [(0, "circle", "green", "small")], ["wrong_colour"]),
+        ([RED_CIRCLE], [(0, "circle", "red", "large")], ["wrong_size"]),
+        # the circle took the colour asked for the square: a binding error
+        ([RED_CIRCLE, BLUE_SQUARE], [(0, "circle", "blue", "small"), BLUE_SQUARE], ["colour_leak"]),
+        ([RED_CIRCLE, BLUE_SQUARE], [BLUE_SQUARE], ["missing_object"]),
+        ([RED_CIRCLE], [RED_CIRCLE, (4, "star", "white", "large")], ["extra_object"]),
+        ([RED_CIRCLE], [(2, "circle", "red", "small")], ["wrong_position"]),
+        ([RED_CIRCLE], [(5, "heart", "cyan", "large")], ["missing_object", "extra_object"]),
+        ([RED_CIRCLE], [], ["missing_object"]),
+    ],
+)
+def test_scene_errors_one_kind_each(asked, read, kinds):
+    from stepdiff.evaluation import scene_errors
+
+    rep = scene_errors(scene(*read)[None], scene(*asked)[None], per_scene=True)
+    assert sorted(rep["per_scene"][0]) == sorted(kinds)
+    assert rep["all_correct"] == (1.0 if not kinds else 0.0)
+    for kind, count in rep["errors"].items():
+        assert count == kinds.count(kind)
+
+
+def test_scene_errors_with_captions_and_relations():
+    from stepdiff.evaluation import scene_errors
+    from stepdiff.shapes import parse_caption
+
+    spec = parse_caption("a red circle left of a blue square")
+    right = scene((3, "circle", "red", "small"), (5, "square", "blue", "large"))  # sizes left open
+    wrong = scene((5, "circle", "red", "small"), (3, "square", "blue", "large"))
+    leak = scene((3, "circle", "blue", "large"), (5, "square", "blue", "small"))
+    rep = scene_errors(torch.stack([right, wrong, leak]), [spec] * 3, per_scene=True)
+    assert rep["per_scene"] == [[], ["wrong_relation"], ["colour_leak"]]
+    assert rep["by_n_objects"] == {2: {"n": 3, "all_correct": 1 / 3}}
+    assert rep["scenes_with"]["wrong_relation"] == pytest.approx(1 / 3)
+    assert rep["attribute_accuracy"] == {"shape": 1.0, "colour": pytest.approx(5 / 6), "size": None}
+    open_colour = parse_caption("a circle at the top left")
+    rep = scene_errors(scene((0, "circle", "green", "large"))[None], [open_colour])
+    assert rep["all_correct"] == 1.0
+    with pytest.raises(ValueError, match="asked has 1 scenes but predicted has 3"):
+        scene_errors(torch.stack([right, wrong, leak]), [spec])
+
+
+def test_scene_correct_exactly_when_the_caption_is_satisfied():
+    """On random readings of random captions, a scene has no error iff CaptionSpec.satisfied_by."""
+    from stepdiff.evaluation import scene_errors
+    from stepdiff.shapes import make_shapes, parse_caption
+
+    data = make_shapes(60, seed=11, masks=False)
+    specs = [parse_caption(c) for c in data.captions]
+    g = torch.Generator().manual_seed(0)
+    readings = data.targets.clone()
+    for n in range(60):
+        k = int(torch.randint(0, 4, (1,), generator=g))
+        if k == 1:  # change one attribute of one cell
+            cell, h = int(torch.randint(0, 9, (1,), generator=g)), int(torch.randint(0, 3, (1,), generator=g))
+            if readings[n, cell, 0] > 0:
+                readings[n, cell, h] = 1 + (readings[n, cell, h] % (2 if h == 2 else 8))
+        elif k == 2:  # move the scene one column (objects may fall off: missing)
+            readings[n] = torch.roll(readings[n].view(3, 3, 3), 1, dims=1).view(9, 3)
+        elif k == 3:  # swap two cells
+            i, j = torch.randperm(9, generator=g)[:2].tolist()
+            readings[n, [i, j]] = readings[n, [j, i]]
+    rep = scene_errors(readings, specs, per_scene=True)
+    for n in range(60):
+        assert (not rep["per_scene"][n]) == specs[n].satisfied_by(readings[n])
+    assert 0 < rep["all_correct"] < 1
+    # the asked targets themselves, read back exactly, are all correct in both forms
+    assert scene_errors(data.targets, data.targets)["all_correct"] == 1.0
+    assert scene_errors(data.targets, specs)["all_correct"] == 1.0
