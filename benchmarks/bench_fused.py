@@ -18,7 +18,7 @@ Kernels (``kernel`` in the records), each at the small (64x3x64x64) and the larg
 Implementations (``impl``):
 
 - ``triton``: the public function of ``stepdiff.kernels`` as the samplers call it (with a
-  ``torch.Generator``: a tiny ``torch.randint`` draws the kernel's seed on the device);
+  ``torch.Generator``, whose Philox state seeds the kernel from the host: no extra kernel);
 - ``triton-kernel``: the Triton launcher alone, seed read from a device tensor;
 - ``eager``: the same math in eager PyTorch (``randn_like`` and elementwise ops);
 - ``compile``: that eager function under ``torch.compile``;

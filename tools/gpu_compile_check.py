@@ -48,12 +48,19 @@ BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
 
 class _Launcher:
-    """Stands in for the CUDA launcher: records the kernel's metadata and launches nothing."""
+    """Stands in for the CUDA launcher: launches nothing. When ``FakeH100Driver.launches`` is a
+    list (``benchmarks/host_cost.py`` sets one), each call appends ``(kernel name, arguments)``:
+    everything the launcher was given, grid, stream and kernel arguments included."""
+
+    launches: list | None = None
 
     def __init__(self, src, metadata):
         self.metadata = metadata
+        self.name = metadata.name
 
     def __call__(self, *args, **kwargs):
+        if _Launcher.launches is not None:
+            _Launcher.launches.append((self.name, args))
         return None
 
 

@@ -82,6 +82,24 @@ def _check(q: Tensor, k: Tensor, v: Tensor, layout: str, scale: float | None) ->
     return scale
 
 
+# The checked route of a call, by the shapes, dtypes and devices of q, k, v, the layout, the
+# scale and the backend asked for: (softmax scale, whether the Triton kernels run). A repeated
+# call skips the checks and the backend resolution (stepdiff/kernels/launch.py explains why).
+_ROUTES: dict[tuple, tuple[float, bool]] = {}
+
+# Inference calls (nothing to differentiate) on the Triton path, by backend asked for, layout,
+# scale, causality and each tensor's shape, strides, dtype, device and alignment: (softmax
+# scale, the forward plan of stepdiff.kernels.attention_triton).
+_INFERENCE_PLANS: dict[tuple, tuple] = {}
+
+
+def _signature(t: Tensor | None):
+    """What a tensor contributes to a plan key (as in attention_triton)."""
+    if t is None:
+        return None
+    return (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16 == 0)
+
+
 # kv_lens tensors whose values were already checked, by id: (a weak reference, the tensor's
 # version counter, Lk). A model passes the same kv_lens to every cross-attention layer and
 # every sampling step; reading the values costs a device synchronisation, so it is done once
@@ -92,7 +110,13 @@ _CHECKED_KV_LENS: dict[int, tuple] = {}
 def _check_kv_lens(kv_lens, q: Tensor, k: Tensor, layout: str) -> None:
     """Validate ``kv_lens``: an int64 ``[B]`` tensor on q's device with ``1 <= kv_lens <= Lk``."""
     B = q.shape[0]
-    Lk = _to_bhld(k, layout).shape[2]
+    Lk = k.shape[2] if layout == "bhld" else k.shape[1]
+    entry = _CHECKED_KV_LENS.get(id(kv_lens))
+    # A tensor checked before, unchanged since (in-place writes and resizes move its version
+    # counter; its dtype and device never change), for the same batch, keys and device.
+    if (entry is not None and entry[0]() is kv_lens and entry[1] == kv_lens._version
+            and entry[2] == (B, Lk, q.device)):
+        return
     if not isinstance(kv_lens, Tensor):
         raise TypeError(f"kv_lens must be a torch.Tensor (int64, shape [B]) or None; "
                         f"got {type(kv_lens).__name__}")
@@ -104,9 +128,6 @@ def _check_kv_lens(kv_lens, q: Tensor, k: Tensor, layout: str) -> None:
         raise ValueError(f"kv_lens is on {kv_lens.device} but q is on {q.device}")
     if kv_lens.device.type == "meta":
         return  # no values to read
-    entry = _CHECKED_KV_LENS.get(id(kv_lens))
-    if entry is not None and entry[0]() is kv_lens and entry[1:] == (kv_lens._version, Lk):
-        return
     if kv_lens.is_cuda and torch.cuda.is_current_stream_capturing():
         # Values cannot be read during CUDA-graph capture; the kernels keep each length within
         # [1, Lk], so an unchecked value cannot make them read outside the key tensor.
@@ -119,7 +140,7 @@ def _check_kv_lens(kv_lens, q: Tensor, k: Tensor, layout: str) -> None:
     if len(_CHECKED_KV_LENS) > 64:  # drop entries whose tensors are gone
         for key in [key for key, e in _CHECKED_KV_LENS.items() if e[0]() is None]:
             del _CHECKED_KV_LENS[key]
-    _CHECKED_KV_LENS[id(kv_lens)] = (weakref.ref(kv_lens), kv_lens._version, Lk)
+    _CHECKED_KV_LENS[id(kv_lens)] = (weakref.ref(kv_lens), kv_lens._version, (B, Lk, q.device))
 
 
 def attention_reference(q: Tensor, k: Tensor, v: Tensor, *, kv_lens: Tensor | None = None,
@@ -165,7 +186,11 @@ class _FlashAttention(torch.autograd.Function):
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, kv_lens: Tensor | None, scale: float,
                 causal: bool) -> Tensor:
         kernels = _triton_module()
-        o, lse = kernels.attention_forward(q, k, v, scale, causal, kv_lens=kv_lens)
+        # The forward's plan key fixes every input of the backward but dO: the backward's plan
+        # is found from that key and dO's layout alone.
+        ctx.plan_key = kernels.forward_key(q, k, v, kv_lens, causal)
+        o, lse = kernels.attention_forward(q, k, v, scale, causal, kv_lens=kv_lens,
+                                           key=ctx.plan_key)
         ctx.save_for_backward(q, k, v, o, lse, kv_lens)
         ctx.scale, ctx.causal = scale, causal
         return o
@@ -175,7 +200,8 @@ class _FlashAttention(torch.autograd.Function):
     def backward(ctx, do: Tensor):
         q, k, v, o, lse, kv_lens = ctx.saved_tensors
         dq, dk, dv = _triton_module().attention_backward(do, q, k, v, o, lse, ctx.scale,
-                                                          ctx.causal, kv_lens=kv_lens)
+                                                          ctx.causal, kv_lens=kv_lens,
+                                                          forward_key=ctx.plan_key)
         return dq, dk, dv, None, None, None
 
 
@@ -253,13 +279,57 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, kv_lens: Tensor | None = None,
     return the input dtype; their backward pass recomputes the attention probabilities from the
     saved log-sum-exp (no $L_q\times L_k$ matrix in memory) and is deterministic.
     """
-    c = _check(q, k, v, layout, scale)
+    requested = backend or os.environ.get("STEPDIFF_BACKEND") or "auto"
+    plain_scale = scale is None or type(scale) in (float, int)
+    try:
+        inference = not (torch.is_grad_enabled()
+                         and (q.requires_grad or k.requires_grad or v.requires_grad))
+        if inference and plain_scale:
+            # The fast path: one key, made of the layouts the kernel's plan depends on, finds the
+            # softmax scale and the forward plan checked on the first such call.
+            fast_key = (requested, layout, scale, bool(causal), _signature(q), _signature(k),
+                        _signature(v), _signature(kv_lens))
+            known = _INFERENCE_PLANS.get(fast_key)
+            if known is not None:
+                if kv_lens is not None:
+                    _check_kv_lens(kv_lens, q, k, layout)
+                return known[1](q, k, v, known[0], kv_lens)[0]
+        else:
+            fast_key = None
+    except (AttributeError, TypeError):
+        fast_key = None
+    try:
+        key = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device,
+               layout, scale, requested)
+        # Only a number is a value; a tensor scale could change in place between calls.
+        route = _ROUTES.get(key) if scale is None or type(scale) in (float, int) else None
+    except (AttributeError, TypeError):  # not tensors, or an unhashable scale: checked below
+        key = route = None
+    if route is None:
+        c = _check(q, k, v, layout, scale)
+        triton_path = _resolve_backend(backend, q) == "triton"
+        if triton_path:
+            _prepare_triton(q)
+        route = (c, triton_path)
+        if key is not None and (scale is None or type(scale) in (float, int)):
+            _ROUTES[key] = route
+    c, triton_path = route
     if kv_lens is not None:
         _check_kv_lens(kv_lens, q, k, layout)
-    if _resolve_backend(backend, q) == "torch":
+    if not triton_path:
         return attention_reference(q, k, v, kv_lens=kv_lens, scale=c, causal=causal,
                                    layout=layout)
-    _prepare_triton(q)
-    o = _FlashAttention.apply(*(_to_bhld(t, layout) for t in (q, k, v)), kv_lens, c,
-                              bool(causal))
+    if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+        # Nothing to differentiate: no autograd node, no saved tensors, and the kernels read the
+        # [B, L, H, D] layout through permuted strides (no transposed views made).
+        kernels = _triton_module()
+        plan_key = kernels.forward_key(q, k, v, kv_lens, causal, None, layout)
+        o = kernels.attention_forward(q, k, v, c, bool(causal), kv_lens=kv_lens, layout=layout,
+                                      key=plan_key)[0]
+        if fast_key is not None:
+            _INFERENCE_PLANS[fast_key] = (c, kernels._PLANS[plan_key])
+        return o
+    if layout == "blhd":
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    o = _FlashAttention.apply(q, k, v, kv_lens, c, bool(causal))
     return o if layout == "bhld" else o.transpose(1, 2)

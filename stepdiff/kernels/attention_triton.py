@@ -35,6 +35,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .launch import DirectLaunch
+
 __all__ = ["INTERPRET", "TUNING", "attention_backward", "attention_forward", "configs_for"]
 
 # Whether this module's kernels were built for Triton's interpreter: `triton.jit` decides at
@@ -512,20 +514,62 @@ def _tuned(which: str):
 
 
 def _launch(which: str, grid_rows: int, B: int, H: int, args: tuple, meta: dict,
-            config: dict | None) -> None:
-    """Launch one kernel with a fixed config (interpreter, or ``config`` given), or autotuned."""
-    jit = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}[which]
+            config: dict | None):
+    """Launch one kernel through Triton with a fixed config (interpreter, or ``config`` given),
+    or autotuned; return the compiled kernel (``None`` in the interpreter) and the config used."""
+    jit = _KERNELS[which]
     held = "BLOCK_N" if which == "dkdv" else "BLOCK_M"
     if config is None and INTERPRET:
         config = {"fwd": _INTERP_FWD, "dkdv": _INTERP_DKDV, "dq": _INTERP_DQ}[which]
     if config is not None:
         cfg = dict(config)
         grid = (triton.cdiv(grid_rows, cfg[held]), H, B)
-        jit[grid](*args, **meta, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        compiled = jit[grid](*args, **meta, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     else:
+        tuner = _tuned(which)
         grid = lambda m: (triton.cdiv(grid_rows, m[held]), H, B)
-        _tuned(which)[grid](*args, **meta)
+        compiled = tuner[grid](*args, **meta)
+        best = tuner.best_config  # the configuration the autotuner chose for this key
+        cfg = {"BLOCK_M": best.kwargs["BLOCK_M"], "BLOCK_N": best.kwargs["BLOCK_N"],
+               "num_warps": best.num_warps, "num_stages": best.num_stages}
+    return compiled, cfg
+
+
+_KERNELS = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}
+
+
+class _KernelPlan:
+    """One kernel of one planned call: its first launch goes through `_launch` (autotuning
+    there when no config is given), every later one straight to the compiled kernel of the
+    chosen configuration (`stepdiff.kernels.launch.DirectLaunch`): the autotuner's per-call
+    dispatch (binding, key, cache lookup) is skipped once a configuration is chosen."""
+
+    __slots__ = ("which", "grid_rows", "B", "H", "meta", "config", "device", "direct", "grid", "tail")
+
+    def __init__(self, which, grid_rows, B, H, meta, config, device):
+        self.which, self.grid_rows, self.B, self.H = which, grid_rows, B, H
+        self.meta, self.config, self.device = meta, config, device
+        self.direct = None
+
+    def __call__(self, args: tuple) -> None:
+        if self.direct is not None:
+            self.direct(self.grid, args + self.tail)
+            return
+        compiled, cfg = _launch(self.which, self.grid_rows, self.B, self.H, args, self.meta,
+                                self.config)
+        if compiled is None or INTERPRET:
+            return
+        jit = _KERNELS[self.which]
+        names = [*self.meta, "BLOCK_M", "BLOCK_N"]
+        if list(jit.arg_names[len(args):]) != names:  # the direct call passes every parameter
+            raise RuntimeError(f"{jit.__name__}: parameters {jit.arg_names[len(args):]} != {names}")
+        held = "BLOCK_N" if self.which == "dkdv" else "BLOCK_M"
+        self.grid = (triton.cdiv(self.grid_rows, cfg[held]), self.H, self.B)
+        self.tail = (*self.meta.values(), cfg["BLOCK_M"], cfg["BLOCK_N"])
+        direct = DirectLaunch(jit, {}, self.device)
+        direct.bind(compiled)
+        self.direct = direct
 
 
 # --------------------------------------------------------------------------------------------
@@ -566,57 +610,145 @@ def _meta(q: Tensor, causal: bool, has_kv_lens: bool = False) -> dict:
     }
 
 
+# Plans, one per specialization (stepdiff/kernels/launch.py): the key holds each tensor's shape,
+# strides, dtype, device and 16-byte alignment (Triton specializes on strides equal to 1 or
+# divisible by 16, and on aligned pointers), causality, key padding and the configs asked for.
+# A new key runs the checks and builds the plan; a known key allocates the outputs and launches.
+_PLANS: dict = {}
+
+
+def _signature(t: Tensor | None):
+    if t is None:
+        return None
+    return (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16 == 0)
+
+
+def _config_key(config: dict | None):
+    return None if config is None else tuple(sorted(config.items()))
+
+
+def _device_index(t: Tensor):
+    return t.device.index if t.is_cuda else None
+
+
+def _bhld(t: Tensor, layout: str) -> tuple[tuple, tuple]:
+    """Shape and strides of ``t`` as ``[B, H, L, D]`` (a ``[B, L, H, D]`` tensor permuted)."""
+    if layout == "bhld":
+        return tuple(t.shape), t.stride()
+    (B, L, H, D), (sb, sl, sh, sd) = t.shape, t.stride()
+    return (B, H, L, D), (sb, sh, sl, sd)
+
+
+def _forward_plan(q: Tensor, k: Tensor, v: Tensor, causal: bool, config, kv_lens, layout: str):
+    views = [t if layout == "bhld" else t.transpose(1, 2) for t in (q, k, v)]
+    _check_launchable(*views)
+    (B, H, Lq, D), q_strides = _bhld(q, layout)
+    (_, _, Lk, _), k_strides = _bhld(k, layout)
+    _, v_strides = _bhld(v, layout)
+    _, o_strides = _bhld(torch.empty_like(q), layout)
+    kernel = _KernelPlan("fwd", Lq, B, H, _meta(views[0], causal, kv_lens is not None), config,
+                         _device_index(q))
+    strides = (*q_strides, *k_strides, *v_strides, *o_strides, H * Lq, Lq)
+    sizes = (Lq, Lk)
+    buckets = (_bucket(Lq), _bucket(Lk))
+
+    def run(q, k, v, scale, kv_lens):
+        o = torch.empty_like(q)  # in q's layout, written through the permuted strides
+        lse = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)
+        kernel((q, k, v, o, lse, q if kv_lens is None else kv_lens, *strides, *sizes,
+                scale * LOG2E, *buckets))
+        return o, lse
+
+    return run
+
+
+def forward_key(q: Tensor, k: Tensor, v: Tensor, kv_lens: Tensor | None, causal: bool,
+                config: dict | None = None, layout: str = "bhld") -> tuple:
+    """The plan key of an `attention_forward` call."""
+    return ("fwd", layout, _signature(q), _signature(k), _signature(v), _signature(kv_lens),
+            bool(causal), _config_key(config))
+
+
 def attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool = False,
                       config: dict | None = None, *, kv_lens: Tensor | None = None,
-                      ) -> tuple[Tensor, Tensor]:
+                      layout: str = "bhld", key: tuple | None = None) -> tuple[Tensor, Tensor]:
     r"""$O = \mathrm{softmax}(c\,QK^\top)V$ and the base-2 log-sum-exp of each row.
 
-    ``q [B, H, Lq, D]``, ``k, v [B, H, Lk, D]`` (any strides) give ``o`` shaped and strided like
+    ``q [B, H, Lq, D]``, ``k, v [B, H, Lk, D]`` (any strides; with ``layout="blhd"`` each is
+    ``[B, L, H, D]`` and read through permuted strides) give ``o`` shaped and strided like
     ``q`` and ``lse [B, H, Lq]`` (fp32, contiguous) with
     ``lse * ln 2 = logsumexp(scale * q @ k^T, -1)``. ``kv_lens`` (int64 ``[B]`` on the device of
     ``q``, or ``None``): batch ``b`` attends to its first ``kv_lens[b]`` keys only. Inputs are
     assumed checked by the caller. ``config`` fixes ``BLOCK_M``, ``BLOCK_N``, ``num_warps``,
     ``num_stages`` (tests use it to check that the result does not depend on the tiling);
-    otherwise the GPU autotunes.
+    otherwise the GPU autotunes, once per plan (a repeated call with the same shapes, strides
+    and dtypes launches the chosen kernel directly). ``key``: `forward_key` of this call, if
+    the caller has it.
     """
-    _check_launchable(q, k, v)
+    if key is None:
+        key = forward_key(q, k, v, kv_lens, causal, config, layout)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _PLANS[key] = _forward_plan(q, k, v, causal, config, kv_lens, layout)
+    return plan(q, k, v, scale, kv_lens)
+
+
+def _backward_plan(do, q, k, v, o, lse, causal, configs, kv_lens):
+    _check_launchable(do, q, k, v, o)
     B, H, Lq, D = q.shape
+    if lse.shape != (B, H, Lq) or lse.dtype != torch.float32 or not lse.is_contiguous():
+        raise ValueError(f"lse must be the forward's contiguous float32 [B, H, Lq] = {[B, H, Lq]}; "
+                         f"got {lse.dtype} {list(lse.shape)} strides {lse.stride()}")
     Lk = k.shape[2]
-    o = torch.empty_like(q)
-    lse = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)
-    lens = q if kv_lens is None else kv_lens  # any pointer when unused (HAS_KV_LENS=False)
-    args = (q, k, v, o, lse, lens, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-            lse.stride(0), lse.stride(1), Lq, Lk, scale * LOG2E, _bucket(Lq), _bucket(Lk))
-    _launch("fwd", Lq, B, H, args, _meta(q, causal, kv_lens is not None), config)
-    return o, lse
+    meta = _meta(q, causal, kv_lens is not None)
+    device = _device_index(q)
+    delta_grid = (triton.cdiv(Lq, _DELTA_BLOCK_M), H, B)
+    delta_tail = (H * Lq, Lq, Lq, D, meta["BLOCK_D"], _DELTA_BLOCK_M)
+    delta_kernel = DirectLaunch(_attn_bwd_delta, {}, device)
+    dkdv = _KernelPlan("dkdv", Lk, B, H, meta, configs[0], device)
+    dq_kernel = _KernelPlan("dq", Lq, B, H, meta, configs[1], device)
+    dq_strides, dk_strides, dv_strides = (torch.empty_like(t).stride() for t in (q, k, v))
+    common = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
+    tail = (H * Lq, Lq, Lq, Lk)
+    buckets = (_bucket(Lq), _bucket(Lk))
+    o_strides, do_strides = o.stride(), do.stride()
+
+    def run(do, q, k, v, o, lse, scale, kv_lens):
+        delta = torch.empty_like(lse)
+        delta_kernel(delta_grid, (o, do, delta, *o_strides, *do_strides, *delta_tail))
+        dq = torch.empty_like(q)
+        dk = torch.empty_like(k)
+        dv = torch.empty_like(v)
+        lens = q if kv_lens is None else kv_lens
+        end = (*tail, scale, scale * LOG2E, *buckets)
+        dkdv((q, k, v, do, lse, delta, dk, dv, lens, *common, *dk_strides, *dv_strides, *end))
+        dq_kernel((q, k, v, do, lse, delta, dq, lens, *common, *dq_strides, *end))
+        return dq, dk, dv
+
+    return run
 
 
 def attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
                        scale: float, causal: bool = False,
                        configs: tuple[dict | None, dict | None] = (None, None), *,
-                       kv_lens: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                       kv_lens: Tensor | None = None, forward_key: tuple | None = None,
+                       ) -> tuple[Tensor, Tensor, Tensor]:
     r"""$dQ, dK, dV$ of $O = \mathrm{softmax}(c\,QK^\top)V$ given $dO$; $P$ is recomputed.
 
     Three launches: $\Delta = \mathrm{rowsum}(dO\circ O)$; then one program per key tile for
     $dK, dV$; then one program per query tile for $dQ$. ``configs`` = (dK/dV config, dQ config),
     each as in `attention_forward`; ``kv_lens`` as there (the padded keys' dK and dV are 0).
+    ``o`` and ``lse`` are the forward's (``lse`` contiguous ``[B, H, Lq]``, fp32).
+    ``forward_key``: the key of the forward call that made ``o`` and ``lse`` from these ``q``,
+    ``k``, ``v`` (it fixes their layouts, so only ``do``'s is looked at).
     """
-    _check_launchable(do)
-    B, H, Lq, D = q.shape
-    Lk = k.shape[2]
-    meta = _meta(q, causal, kv_lens is not None)
-    delta = torch.empty_like(lse)
-    _attn_bwd_delta[(triton.cdiv(Lq, _DELTA_BLOCK_M), H, B)](
-        o, do, delta, *o.stride(), *do.stride(), delta.stride(0), delta.stride(1), Lq,
-        HEAD_DIM=D, BLOCK_D=meta["BLOCK_D"], BLOCK_M=_DELTA_BLOCK_M)
-    dq = torch.empty_like(q)
-    dk = torch.empty_like(k)
-    dv = torch.empty_like(v)
-    lens = q if kv_lens is None else kv_lens
-    common = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
-    tail = (lse.stride(0), lse.stride(1), Lq, Lk, scale, scale * LOG2E, _bucket(Lq), _bucket(Lk))
-    _launch("dkdv", Lk, B, H, (q, k, v, do, lse, delta, dk, dv, lens, *common, *dk.stride(),
-                               *dv.stride(), *tail), meta, configs[0])
-    _launch("dq", Lq, B, H, (q, k, v, do, lse, delta, dq, lens, *common, *dq.stride(), *tail),
-            meta, configs[1])
-    return dq, dk, dv
+    if forward_key is not None:
+        key = ("bwd", forward_key, _signature(do), _config_key(configs[0]), _config_key(configs[1]))
+    else:
+        key = ("bwd", _signature(do), _signature(q), _signature(k), _signature(v), _signature(o),
+               _signature(lse), _signature(kv_lens), bool(causal), _config_key(configs[0]),
+               _config_key(configs[1]))
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _PLANS[key] = _backward_plan(do, q, k, v, o, lse, causal, configs, kv_lens)
+    return plan(do, q, k, v, o, lse, scale, kv_lens)

@@ -24,12 +24,24 @@ when a Triton path is taken.
   at run time, so a CUDA graph that advances it on the device draws new noise on each replay
   (the reference path reads it on the host instead, which a graph cannot capture);
 - else ``generator`` (a ``torch.Generator`` on the data's device, or ``None`` for the global
-  one). On the Triton path each call draws a fresh ``[seed, offset]`` pair on the device with
-  ``torch.randint(..., generator=generator)``: one small extra kernel, no host
-  synchronisation, and under CUDA-graph capture PyTorch advances the generator on each replay,
-  so replays draw new noise and re-seeding the generator reproduces a run. On the reference
-  path the noise is ``torch.randn(..., generator=generator)``; the two backends then draw
-  different (equally distributed) noise.
+  one). On the Triton path with CUDA data, outside CUDA-graph capture, the kernel's seed is
+  the generator's own Philox state read on the host (key = its seed, counter offset
+  $2^{62}$ + its offset / 4), and the generator's offset then moves on by 4: no extra kernel,
+  no synchronisation, and re-seeding the generator reproduces the draws. Under capture that
+  host state would be frozen into the graph, so there each call draws a fresh
+  ``[seed, offset]`` pair on the device with ``torch.randint(..., generator=generator)``
+  (one small kernel inside the graph), which PyTorch advances on each replay: replays draw new
+  noise and re-seeding reproduces them. A replayed graph and the same calls run eagerly thus
+  draw different, equally distributed, noise. (CPU data in the interpreter use the
+  ``randint`` draw too.) On the reference path the noise is
+  ``torch.randn(..., generator=generator)``; the backends then draw different (equally
+  distributed) noise.
+
+**Plans.** A Triton call is checked once per *plan key* (dtypes, shapes, devices, strides and
+alignment of the tensors, which arguments are tensors, the kind of noise): later calls with the
+same key skip the checks and launch the compiled kernel directly
+({py:mod}`stepdiff.kernels.launch`); only what changes from call to call (a seed's or clamp's
+value) is checked each time.
 """
 
 from __future__ import annotations
@@ -161,6 +173,79 @@ def _device_seed(x: Tensor, generator: torch.Generator | None) -> Tensor:
     return torch.randint(0, _SEED_HIGH, (2,), generator=generator, device=x.device, dtype=torch.int64)
 
 
+# --- noise from a generator without a kernel -----------------------------------------------------
+#
+# A CUDA generator is a Philox (seed, offset) pair kept on the host, advanced by each random op.
+# Outside CUDA-graph capture the kernels' noise is drawn from that pair directly, on the host:
+# key = the generator's seed, counter offset = 2**62 + offset / 4, then the generator's offset
+# moves on by 4 (PyTorch's own step), so the next call, and the next random op of PyTorch, draw
+# something else, and re-seeding the generator reproduces the draws. No kernel runs for it. The
+# counters PyTorch's own kernels use under the same key have their top word 0 (subsequence =
+# thread index < 2**32), ours have it >= 2**30: the streams never share a counter.
+# Under capture the host pair would be frozen into the graph; there each call draws its
+# [seed, offset] with torch.randint on the device (one tiny kernel inside the graph, no host
+# time at replay), which PyTorch re-seeds from the generator at every replay. So a replayed
+# graph and the same calls run eagerly draw from different, equally distributed, streams.
+_GENERATOR_OFFSET_BASE = 2**62
+
+
+def _on_gpu(x: Tensor) -> bool:
+    """Whether ``x`` lives in GPU memory (the host-cost benchmark redirects this)."""
+    return getattr(x, "is_cuda", False)
+
+
+def _capturing() -> bool:
+    """Whether the current CUDA stream is being captured into a graph."""
+    return torch.cuda.is_current_stream_capturing()
+
+
+def _peek_generator(x: Tensor, generator):
+    """``(seed, offset, generator, its offset)`` of the host draw for this call, or ``None``
+    when the draw must be a device tensor (CPU data, or CUDA-graph capture). Nothing is
+    advanced yet (`_take`)."""
+    if not _on_gpu(x) or _capturing():
+        return None
+    g = generator if generator is not None else torch.cuda.default_generators[x.device.index]
+    used = g.get_offset()
+    return g.initial_seed() & _SEED_HIGH, _GENERATOR_OFFSET_BASE + used // 4, g, used
+
+
+def _take(x: Tensor, generator, peeked):
+    """This call's ``(seed, offset)`` for the kernel: the peeked host pair, the generator then
+    advanced past it; or a pair drawn on the device."""
+    if peeked is None:
+        return _device_seed(x, generator), 0
+    peeked[2].set_offset(peeked[3] + 4)
+    return peeked[0], peeked[1]
+
+
+def _generator_key(generator):
+    return None if generator is None else (type(generator), generator.device.type)
+
+
+_SEED_PLACEHOLDERS: dict = {}
+
+
+def _drawn_seed_key(x: Tensor, peeked):
+    """A stand-in for this call's drawn seed when building its key and plan: the host pair, or
+    (for a seed drawn on the device, after the plan is found) any int64 ``[2]`` tensor on the
+    data's device, as every such tensor keys and checks alike."""
+    if peeked is not None:
+        return peeked[0], peeked[1]
+    placeholder = _SEED_PLACEHOLDERS.get(x.device)
+    if placeholder is None:
+        placeholder = _SEED_PLACEHOLDERS[x.device] = torch.zeros(2, dtype=torch.int64, device=x.device)
+    return placeholder, 0
+
+
+_PUBLIC_PLANS: dict = {}
+_PUBLIC_KEY_ERRORS = (AttributeError, TypeError, IndexError, RuntimeError)
+
+
+def _public_key(kind: str, requested: str, launcher_key: tuple, generator, draw: bool, peeked) -> tuple:
+    return (kind, requested, launcher_key, _generator_key(generator), draw, peeked is None)
+
+
 def _reference_noise(x: Tensor, seed, offset: int, generator) -> Tensor:
     if seed is None:
         return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
@@ -190,12 +275,29 @@ def affine_step(
     ``[B]`` tensor (one value per sample). ``c_noise=None`` means a deterministic step; else
     $z$ comes from ``noise``, ``seed``/``offset`` or ``generator`` (see the module docstring).
     ``clamp`` clips the prediction to $[-c, c]$ first. ``out`` (optional, may be ``x``)
-    receives the result. The Triton path needs contiguous tensors.
+    receives the result. The Triton path needs contiguous tensors. A repeated Triton call with
+    the same dtypes, shapes and kinds of argument reuses the plan checked on its first call.
     """
+    requested = backend or os.environ.get("STEPDIFF_BACKEND") or "auto"
+    draw = c_noise is not None and noise is None and seed is None
+    key = None
+    if requested == "triton" or (requested == "auto" and _on_gpu(x)):
+        try:
+            peeked = _peek_generator(x, generator) if draw else None
+            s, o = (_drawn_seed_key(x, peeked) if draw else (seed, offset))
+            key = _public_key("affine_step", requested, _triton_module().affine_step_key(
+                x, pred, c_x, c_pred, c_noise, noise, s, o, clamp, out, None, None), generator, draw, peeked)
+            plan = _PUBLIC_PLANS.get(key)
+        except _PUBLIC_KEY_ERRORS:  # not even tensors: the checks below say what is wrong
+            key = plan = None
+        if plan is not None:
+            if draw:
+                seed, offset = _take(x, generator, peeked)
+            return plan(x, pred, c_x, c_pred, c_noise, noise, seed, offset, clamp, out)
     _check_tensor("x", x)
     _check_tensor("pred", pred, x)
-    c_x, c_pred, c_noise = (_coefficient(n, c, x) for n, c in (("c_x", c_x), ("c_pred", c_pred), ("c_noise", c_noise)))
-    if c_x is None or c_pred is None:
+    coefficients = [_coefficient(n, c, x) for n, c in (("c_x", c_x), ("c_pred", c_pred), ("c_noise", c_noise))]
+    if coefficients[0] is None or coefficients[1] is None:
         raise TypeError("c_x and c_pred are required")
     if clamp is not None and not clamp >= 0:
         raise ValueError(f"clamp must be a non-negative number; got {clamp}")
@@ -211,20 +313,26 @@ def affine_step(
         else:
             _check_generator(generator, x)
     if resolve_backend(x, backend, pred, noise if c_noise is not None else None, out) == "triton":
-        if c_noise is not None and noise is None and seed is None:
-            seed = _device_seed(x, generator)
-        return _triton_module().affine_step_triton(
-            x,
-            pred,
-            c_x,
-            c_pred,
-            c_noise,
-            noise=noise,
-            seed=seed,
-            offset=offset,
-            clamp=clamp,
-            out=out,
-        )
+        peeked = _peek_generator(x, generator) if draw else None
+        s, o = (_drawn_seed_key(x, peeked) if draw else (seed, offset))
+        plan = _triton_module().affine_step_plan(x, pred, c_x, c_pred, c_noise, noise, s, o, clamp, out, None, None)
+        if key is not None:
+            _PUBLIC_PLANS[key] = plan
+            if peeked is not None:
+                # The same call under CUDA-graph capture draws its seed on the device: a kernel
+                # variant of its own, compiled now, as nothing can be compiled while capturing.
+                s, o = _drawn_seed_key(x, None)
+                capture_key = _public_key("affine_step", requested, _triton_module().affine_step_key(
+                    x, pred, c_x, c_pred, c_noise, noise, s, o, clamp, out, None, None), generator, draw, None)
+                if capture_key not in _PUBLIC_PLANS:
+                    capture = _triton_module().affine_step_plan(
+                        x, pred, c_x, c_pred, c_noise, noise, s, o, clamp, out, None, None)
+                    capture.warm(x, pred, c_x, c_pred, c_noise, noise, s, o, clamp, out)
+                    _PUBLIC_PLANS[capture_key] = capture
+        if draw:
+            seed, offset = _take(x, generator, peeked)
+        return plan(x, pred, c_x, c_pred, c_noise, noise, seed, offset, clamp, out)
+    c_x, c_pred, c_noise = coefficients
     if c_noise is not None and noise is None:
         noise = _reference_noise(x, seed, offset, generator)
     result = affine_step_reference(x, pred, c_x, c_pred, c_noise, noise, clamp)
@@ -250,9 +358,25 @@ def noise_add(
     counts as 0. $\varepsilon$ comes from ``noise``, ``seed``/``offset`` or ``generator``.
     With $(c_0, c_1) = (-s, a)$ the target is $v$, with $(\dot a, \dot s)$ the velocity.
     """
+    requested = backend or os.environ.get("STEPDIFF_BACKEND") or "auto"
+    draw = noise is None and seed is None
+    key = None
+    if requested == "triton" or (requested == "auto" and _on_gpu(x0)):
+        try:
+            peeked = _peek_generator(x0, generator) if draw else None
+            sd, o = (_drawn_seed_key(x0, peeked) if draw else (seed, offset))
+            key = _public_key("noise_add", requested, _triton_module().noise_add_key(
+                x0, a, s, c0, c1, noise, sd, o, None, None), generator, draw, peeked)
+            plan = _PUBLIC_PLANS.get(key)
+        except _PUBLIC_KEY_ERRORS:
+            key = plan = None
+        if plan is not None:
+            if draw:
+                seed, offset = _take(x0, generator, peeked)
+            return plan(x0, a, s, c0, c1, noise, seed, offset)
     _check_tensor("x0", x0)
-    a, s, c0, c1 = (_coefficient(n, c, x0) for n, c in (("a", a), ("s", s), ("c0", c0), ("c1", c1)))
-    if a is None or s is None:
+    coefficients = [_coefficient(n, c, x0) for n, c in (("a", a), ("s", s), ("c0", c0), ("c1", c1))]
+    if coefficients[0] is None or coefficients[1] is None:
         raise TypeError("a and s are required")
     if noise is not None:
         _check_tensor("noise", noise, x0)
@@ -262,13 +386,27 @@ def noise_add(
         _check_seed(seed, offset, x0)
     else:
         _check_generator(generator, x0)
+    if resolve_backend(x0, backend, noise) == "triton":
+        peeked = _peek_generator(x0, generator) if draw else None
+        sd, o = (_drawn_seed_key(x0, peeked) if draw else (seed, offset))
+        plan = _triton_module().noise_add_plan(x0, a, s, c0, c1, noise, sd, o, None, None)
+        if key is not None:
+            _PUBLIC_PLANS[key] = plan
+            if peeked is not None:  # the variant for CUDA-graph capture, as in affine_step
+                sd, o = _drawn_seed_key(x0, None)
+                capture_key = _public_key("noise_add", requested, _triton_module().noise_add_key(
+                    x0, a, s, c0, c1, noise, sd, o, None, None), generator, draw, None)
+                if capture_key not in _PUBLIC_PLANS:
+                    capture = _triton_module().noise_add_plan(x0, a, s, c0, c1, noise, sd, o, None, None)
+                    capture.warm(x0, a, s, c0, c1, noise, sd, o)
+                    _PUBLIC_PLANS[capture_key] = capture
+        if draw:
+            seed, offset = _take(x0, generator, peeked)
+        return plan(x0, a, s, c0, c1, noise, seed, offset)
+    a, s, c0, c1 = coefficients
     if c0 is not None or c1 is not None:
         c0 = 0.0 if c0 is None else c0
         c1 = 0.0 if c1 is None else c1
-    if resolve_backend(x0, backend, noise) == "triton":
-        if noise is None and seed is None:
-            seed = _device_seed(x0, generator)
-        return _triton_module().noise_add_triton(x0, a, s, c0, c1, noise=noise, seed=seed, offset=offset)
     if noise is None:
         noise = _reference_noise(x0, seed, offset, generator)
     return noise_add_reference(x0, a, s, noise, c0, c1)

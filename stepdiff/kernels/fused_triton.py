@@ -42,6 +42,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .launch import DirectLaunch
+
 __all__ = [
     "INTERPRETED",
     "RUN",
@@ -50,7 +52,11 @@ __all__ = [
     "noise_add_kernel",
     "philox_normal_kernel",
     "affine_step_triton",
+    "affine_step_key",
+    "affine_step_plan",
     "noise_add_triton",
+    "noise_add_key",
+    "noise_add_plan",
     "philox_normal_triton",
     "launch_config",
 ]
@@ -402,18 +408,31 @@ def _check_data(name: str, t: Tensor, like: Tensor | None) -> None:
 
 
 def _coefficient_args(name: str, c, x: Tensor, batch: int):
-    """``(pointer, value, stride, kind)`` for a float, a 0-d tensor or a ``[B]`` tensor."""
+    """``(getter, stride, kind)`` for a float, a 0-d tensor or a ``[B]`` tensor: ``getter(c, x)``
+    gives the kernel's ``(pointer, value)`` for this call's coefficient."""
     if isinstance(c, Tensor):
         if c.ndim > 1 or (c.ndim == 1 and c.shape[0] != batch):
             raise ValueError(f"{name} must be a scalar or have shape [{batch}]; got {tuple(c.shape)}")
-        if c.device != x.device:
-            raise ValueError(f"{name} is on {c.device} but the data are on {x.device}")
         if not c.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor; got {c.dtype}")
+        if c.device != x.device:
+            if c.ndim == 0 and c.device.type == "cpu":
+                return _host_scalar, 0, BY_VALUE.value  # read on the host: no device sync
+            raise ValueError(f"{name} is on {c.device} but the data are on {x.device}")
         if c.ndim == 0:
-            return c, 0.0, 0, ONE_IN_MEMORY.value
-        return c, 0.0, c.stride(0), PER_SAMPLE.value
-    return x, float(c), 0, BY_VALUE.value
+            return _in_memory, 0, ONE_IN_MEMORY.value
+        return _in_memory, c.stride(0), PER_SAMPLE.value
+    if isinstance(c, bool) or not isinstance(c, (int, float)):
+        raise TypeError(f"{name} must be a float or a tensor; got {type(c).__name__}")
+    return _host_scalar, 0, BY_VALUE.value
+
+
+def _host_scalar(c, x):
+    return x, float(c)
+
+
+def _in_memory(c, x):
+    return c, 0.0
 
 
 def _seed_args(seed, offset: int, x: Tensor):
@@ -451,6 +470,161 @@ def _launch(kernel, grid, x: Tensor, args, num_warps: int) -> None:
         kernel[grid](*args, num_warps=num_warps, **_OPTIONS)
 
 
+# --- plans: one per specialization, so that a repeated call skips every check ------------------
+#
+# A call's key holds everything the checks and Triton's specialization depend on (see
+# stepdiff/kernels/launch.py): each tensor's dtype, shape, device, contiguity and 16-byte
+# alignment, each coefficient's kind (and a tensor's stride), how the noise is given, whether an
+# int seed or offset needs 64 bits, the clamp's presence and the launch settings. A new key runs
+# every check, then builds the plan: the launch settings, the grid, the constant arguments and
+# the compiled kernel, launched directly from then on. What the key cannot hold, because it
+# changes from call to call, is checked on each call: the seed's and clamp's values.
+
+_PLANS: dict = {}
+_INT32_END = 2**31
+
+
+def _tensor_key(t):
+    if t is None:
+        return None
+    return (t.dtype, t.shape, t.device, t.is_contiguous(), t.data_ptr() % 16 == 0)
+
+
+def _coefficient_key(c):
+    if isinstance(c, Tensor):
+        return (c.dtype, c.shape, c.device, c.stride())
+    return type(c)
+
+
+def _seed_key(seed, offset):
+    if isinstance(seed, Tensor):
+        return (seed.dtype, seed.shape, seed.device, offset)
+    if type(seed) is int and type(offset) is int:
+        # Triton passes an int below 2**31 as int32, else as int64: part of the specialization.
+        return (seed < _INT32_END, offset < _INT32_END)
+    return (type(seed), type(offset))  # refused when the plan is built
+
+
+def _noise_key(c_noise, noise, seed, offset):
+    if c_noise is None:
+        return None
+    return ("given", _tensor_key(noise)) if noise is not None else ("seed", _seed_key(seed, offset))
+
+
+def _device_index(x: Tensor):
+    return x.device.index if x.is_cuda else None
+
+
+def _guarded(launch, device):
+    """``launch`` run with ``device`` current (Triton launches on the current device)."""
+    if device is None:
+        return launch
+
+    def run(grid, args):
+        if torch.cuda.current_device() != device:
+            with torch.cuda.device(device):
+                launch(grid, args)
+        else:
+            launch(grid, args)
+
+    return run
+
+
+def _check_seed_value(seed, offset) -> None:
+    """The per-call part of the seed checks (its type and tensor layout are in the key)."""
+    if not isinstance(seed, Tensor) and not (0 <= seed <= _MAX_SEED and 0 <= offset <= _MAX_SEED):
+        raise ValueError(f"seed and offset must lie in [0, 2**63 - 1]; got {seed}, {offset}")
+
+
+def affine_step_key(x, pred, c_x, c_pred, c_noise, noise, seed, offset, clamp, out, block, num_warps) -> tuple:
+    """The plan key of an ``affine_step_triton`` call (see the comment above ``_PLANS``)."""
+    return (
+        "affine_step",
+        _tensor_key(x),
+        _tensor_key(pred),
+        _tensor_key(out),
+        _coefficient_key(c_x),
+        _coefficient_key(c_pred),
+        _coefficient_key(c_noise),
+        _noise_key(c_noise, noise, seed, offset),
+        clamp is None,
+        block,
+        num_warps,
+    )
+
+
+def affine_step_plan(x, pred, c_x, c_pred, c_noise, noise, seed, offset, clamp, out, block, num_warps):
+    """Check an ``affine_step_triton`` call and build its plan: a function of the call's
+    arguments ``(x, pred, c_x, c_pred, c_noise, noise, seed, offset, clamp, out)`` that launches
+    the kernel and returns ``out``, valid for every call with the same key."""
+    _check_device(x)
+    _check_data("x", x, None)
+    _check_data("pred", pred, x)
+    if out is not None:
+        _check_data("out", out, x)
+        if out.dtype != x.dtype:
+            raise TypeError(f"out must have the dtype of x, {x.dtype}; got {out.dtype}")
+    total, batch, n = _shape(x)
+    if c_noise is None:
+        mode, seed_in_memory = NO_NOISE.value, False
+    elif noise is not None:
+        _check_data("noise", noise, x)
+        mode, seed_in_memory = NOISE_FROM_MEMORY.value, False
+    elif seed is None:
+        raise ValueError("c_noise needs noise, or a seed to draw it from")
+    else:
+        mode, seed_in_memory = NOISE_FROM_PHILOX.value, _seed_args(seed, offset, x)[3]
+    if clamp is not None and not clamp >= 0:
+        raise ValueError(f"clamp must be a non-negative number; got {clamp}")
+    gx, sx, kx = _coefficient_args("c_x", c_x, x, batch)
+    gp, sp, kp = _coefficient_args("c_pred", c_pred, x, batch)
+    gz, sz, kz = _coefficient_args("c_noise", 0.0 if c_noise is None else c_noise, x, batch)
+    block, num_warps = launch_config(total, x.dtype, block, num_warps)
+    samples = _samples_mode((kx, kp, kz), n, block)
+    grid = (triton.cdiv(total, block), 1, 1)  # three entries: the launcher's form
+    tail = (total, n, batch, kx, kp, kz, samples, mode, seed_in_memory, clamp is not None, block)
+    device = _device_index(x)
+    direct = DirectLaunch(affine_step_kernel, {"num_warps": num_warps, **_OPTIONS}, device)
+    launch = _guarded(direct, device)
+    philox = mode == NOISE_FROM_PHILOX.value
+    given = mode == NOISE_FROM_MEMORY.value
+    empty = total == 0
+
+    def run(x, pred, c_x, c_pred, c_noise, noise, seed, offset, clamp, out):
+        if out is None:
+            out = torch.empty_like(x)
+        if empty:
+            return out
+        if philox:
+            _check_seed_value(seed, offset)
+            seed_args = (seed, 0, 0) if seed_in_memory else (x, seed, offset)
+        else:
+            seed_args = (x, 0, 0)
+        if clamp is None:
+            clamp = 0.0
+        elif not clamp >= 0:
+            raise ValueError(f"clamp must be a non-negative number; got {clamp}")
+        cx_ptr, cx_value = gx(c_x, x)
+        cp_ptr, cp_value = gp(c_pred, x)
+        cz_ptr, cz_value = gz(c_noise, x) if c_noise is not None else (x, 0.0)
+        args = (x, pred, noise if given else x, out, cx_ptr, cx_value, sx, cp_ptr, cp_value, sp,
+                cz_ptr, cz_value, sz, *seed_args, float(clamp), *tail)
+        launch(grid, args)
+        return out
+
+    def warm(x, pred, c_x, c_pred, c_noise, noise, seed, offset, clamp, out):
+        """Compile this plan's kernel without launching it."""
+        if not empty:
+            seed_args = (seed, 0, 0) if seed_in_memory else (x, 0, 0)
+            args = (x, pred, noise if given else x, x if out is None else out, *gx(c_x, x), sx,
+                    *gp(c_pred, x), sp, *(gz(c_noise, x) if c_noise is not None else (x, 0.0)), sz,
+                    *seed_args, 0.0, *tail)
+            direct.warm(grid, args)
+
+    run.warm = warm
+    return run
+
+
 def affine_step_triton(
     x: Tensor,
     pred: Tensor,
@@ -469,61 +643,96 @@ def affine_step_triton(
     r"""$x' = c_x x + c_{\rm pred}\,\mathrm{clamp}(p) + c_{\rm noise} z$ in one launch.
 
     ``x``, ``pred`` (and ``noise``, ``out``): contiguous ``[B, ...]`` tensors, float32,
-    float16 or bfloat16. Coefficients: Python floats, 0-d tensors or ``[B]`` tensors on the
-    device of ``x``. With ``c_noise``, ``z`` is ``noise`` if given, else drawn in the kernel
-    from ``seed`` and ``offset`` (see the module docstring); ``seed`` is an int, or an int64
-    device tensor ``[seed, offset]`` read by the kernel at run time. ``out`` may be ``x``.
+    float16 or bfloat16. Coefficients: Python floats, 0-d tensors (on the device of ``x``, or
+    on the CPU: read on the host) or ``[B]`` tensors on the device of ``x``. With ``c_noise``,
+    ``z`` is ``noise`` if given, else drawn in the kernel from ``seed`` and ``offset`` (see the
+    module docstring); ``seed`` is an int, or an int64 device tensor ``[seed, offset]`` read by
+    the kernel at run time. ``out`` may be ``x``. A repeated call with the same key (dtypes,
+    shapes, kinds of argument: see `affine_step_key`) reuses its checked plan and launches the
+    compiled kernel directly.
     """
-    _check_device(x)
-    _check_data("x", x, None)
-    _check_data("pred", pred, x)
-    if out is None:
-        out = torch.empty_like(x)
-    else:
-        _check_data("out", out, x)
-        if out.dtype != x.dtype:
-            raise TypeError(f"out must have the dtype of x, {x.dtype}; got {out.dtype}")
-    total, batch, n = _shape(x)
-    if c_noise is None:
-        mode, noise_arg, seed_args = NO_NOISE.value, x, (x, 0, 0, False)
-    elif noise is not None:
-        _check_data("noise", noise, x)
-        mode, noise_arg, seed_args = NOISE_FROM_MEMORY.value, noise, (x, 0, 0, False)
-    elif seed is None:
-        raise ValueError("c_noise needs noise, or a seed to draw it from")
-    else:
-        mode, noise_arg, seed_args = NOISE_FROM_PHILOX.value, x, _seed_args(seed, offset, x)
-    cx = _coefficient_args("c_x", c_x, x, batch)
-    cp = _coefficient_args("c_pred", c_pred, x, batch)
-    cz = _coefficient_args("c_noise", 0.0 if c_noise is None else c_noise, x, batch)
-    if total == 0:
-        return out
-    block, num_warps = launch_config(total, x.dtype, block, num_warps)
-    samples = _samples_mode((cx[3], cp[3], cz[3]), n, block)
-    args = (
-        x,
-        pred,
-        noise_arg,
-        out,
-        *cx[:3],
-        *cp[:3],
-        *cz[:3],
-        *seed_args[:3],
-        0.0 if clamp is None else float(clamp),
-        total,
-        n,
-        batch,
-        cx[3],
-        cp[3],
-        cz[3],
-        samples,
-        mode,
-        seed_args[3],
-        clamp is not None,
+    key = affine_step_key(x, pred, c_x, c_pred, c_noise, noise, seed, offset, clamp, out, block, num_warps)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = affine_step_plan(x, pred, c_x, c_pred, c_noise, noise, seed, offset, clamp, out, block, num_warps)
+        _PLANS[key] = plan
+    return plan(x, pred, c_x, c_pred, c_noise, noise, seed, offset, clamp, out)
+
+
+def noise_add_key(x0, a, s, c0, c1, noise, seed, offset, block, num_warps) -> tuple:
+    """The plan key of a ``noise_add_triton`` call."""
+    return (
+        "noise_add",
+        _tensor_key(x0),
+        _coefficient_key(a),
+        _coefficient_key(s),
+        _coefficient_key(c0),
+        _coefficient_key(c1),
+        _noise_key(True, noise, seed, offset),
         block,
+        num_warps,
     )
-    _launch(affine_step_kernel, (triton.cdiv(total, block),), x, args, num_warps)
-    return out
+
+
+def noise_add_plan(x0, a, s, c0, c1, noise, seed, offset, block, num_warps):
+    """Check a ``noise_add_triton`` call and build its plan (as `affine_step_plan`): a function
+    of ``(x0, a, s, c0, c1, noise, seed, offset)`` returning ``(x_t, target)``."""
+    _check_device(x0)
+    _check_data("x0", x0, None)
+    total, batch, n = _shape(x0)
+    if noise is not None:
+        _check_data("noise", noise, x0)
+        mode, seed_in_memory = NOISE_FROM_MEMORY.value, False
+    elif seed is None:
+        raise ValueError("noise_add needs noise, or a seed to draw it from")
+    else:
+        mode, seed_in_memory = NOISE_FROM_PHILOX.value, _seed_args(seed, offset, x0)[3]
+    target_is_eps = c0 is None and c1 is None
+    ga, sa, ka = _coefficient_args("a", a, x0, batch)
+    gs, ss, ks = _coefficient_args("s", s, x0, batch)
+    g0, s0, k0 = _coefficient_args("c0", 0.0 if c0 is None else c0, x0, batch)
+    g1, s1, k1 = _coefficient_args("c1", 0.0 if c1 is None else c1, x0, batch)
+    block, num_warps = launch_config(total, x0.dtype, block, num_warps)
+    samples = _samples_mode((ka, ks) if target_is_eps else (ka, ks, k0, k1), n, block)
+    grid = (triton.cdiv(total, block), 1, 1)  # three entries: the launcher's form
+    tail = (total, n, batch, ka, ks, k0, k1, samples, mode, seed_in_memory, target_is_eps, block)
+    device = _device_index(x0)
+    direct = DirectLaunch(noise_add_kernel, {"num_warps": num_warps, **_OPTIONS}, device)
+    launch = _guarded(direct, device)
+    philox = mode == NOISE_FROM_PHILOX.value
+    empty = total == 0
+
+    def run(x0, a, s, c0, c1, noise, seed, offset):
+        x_t = torch.empty_like(x0)
+        target = torch.empty_like(x0)
+        if empty:
+            return x_t, target
+        if philox:
+            _check_seed_value(seed, offset)
+            seed_args = (seed, 0, 0) if seed_in_memory else (x0, seed, offset)
+        else:
+            seed_args = (x0, 0, 0)
+        a_ptr, a_value = ga(a, x0)
+        s_ptr, s_value = gs(s, x0)
+        c0_ptr, c0_value = (x0, 0.0) if c0 is None else g0(c0, x0)
+        c1_ptr, c1_value = (x0, 0.0) if c1 is None else g1(c1, x0)
+        args = (x0, x0 if philox else noise, x_t, target, a_ptr, a_value, sa, s_ptr, s_value, ss,
+                c0_ptr, c0_value, s0, c1_ptr, c1_value, s1, *seed_args, *tail)
+        launch(grid, args)
+        return x_t, target
+
+    def warm(x0, a, s, c0, c1, noise, seed, offset):
+        """Compile this plan's kernel without launching it."""
+        if not empty:
+            seed_args = (seed, 0, 0) if seed_in_memory else (x0, 0, 0)
+            c0_args = (x0, 0.0) if c0 is None else g0(c0, x0)
+            c1_args = (x0, 0.0) if c1 is None else g1(c1, x0)
+            args = (x0, x0 if philox else noise, x0, x0, *ga(a, x0), sa, *gs(s, x0), ss, *c0_args, s0,
+                    *c1_args, s1, *seed_args, *tail)
+            direct.warm(grid, args)
+
+    run.warm = warm
+    return run
 
 
 def noise_add_triton(
@@ -541,57 +750,16 @@ def noise_add_triton(
 ) -> tuple[Tensor, Tensor]:
     r"""$x_t = a x_0 + s\varepsilon$ and the target $c_0x_0 + c_1\varepsilon$, in one launch.
 
-    Arguments as for {py:obj}`stepdiff.kernels.fused_triton.affine_step_triton`; $\varepsilon$
-    is ``noise`` if given, else drawn from ``seed`` and ``offset``. If only one of ``c0``,
-    ``c1`` is given, the other counts as 0.
+    Arguments as for {py:obj}`stepdiff.kernels.fused_triton.affine_step_triton` (and planned the
+    same way); $\varepsilon$ is ``noise`` if given, else drawn from ``seed`` and ``offset``. If
+    only one of ``c0``, ``c1`` is given, the other counts as 0.
     """
-    _check_device(x0)
-    _check_data("x0", x0, None)
-    x_t = torch.empty_like(x0)
-    target = torch.empty_like(x0)
-    total, batch, n = _shape(x0)
-    if noise is not None:
-        _check_data("noise", noise, x0)
-        mode, noise_arg, seed_args = NOISE_FROM_MEMORY.value, noise, (x0, 0, 0, False)
-    elif seed is None:
-        raise ValueError("noise_add needs noise, or a seed to draw it from")
-    else:
-        mode, noise_arg, seed_args = NOISE_FROM_PHILOX.value, x0, _seed_args(seed, offset, x0)
-    target_is_eps = c0 is None and c1 is None
-    ca = _coefficient_args("a", a, x0, batch)
-    cs = _coefficient_args("s", s, x0, batch)
-    cc0 = _coefficient_args("c0", 0.0 if c0 is None else c0, x0, batch)
-    cc1 = _coefficient_args("c1", 0.0 if c1 is None else c1, x0, batch)
-    if total == 0:
-        return x_t, target
-    block, num_warps = launch_config(total, x0.dtype, block, num_warps)
-    kinds = (ca[3], cs[3]) if target_is_eps else (ca[3], cs[3], cc0[3], cc1[3])
-    samples = _samples_mode(kinds, n, block)
-    args = (
-        x0,
-        noise_arg,
-        x_t,
-        target,
-        *ca[:3],
-        *cs[:3],
-        *cc0[:3],
-        *cc1[:3],
-        *seed_args[:3],
-        total,
-        n,
-        batch,
-        ca[3],
-        cs[3],
-        cc0[3],
-        cc1[3],
-        samples,
-        mode,
-        seed_args[3],
-        target_is_eps,
-        block,
-    )
-    _launch(noise_add_kernel, (triton.cdiv(total, block),), x0, args, num_warps)
-    return x_t, target
+    key = noise_add_key(x0, a, s, c0, c1, noise, seed, offset, block, num_warps)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = noise_add_plan(x0, a, s, c0, c1, noise, seed, offset, block, num_warps)
+        _PLANS[key] = plan
+    return plan(x0, a, s, c0, c1, noise, seed, offset)
 
 
 def philox_normal_triton(

@@ -107,10 +107,12 @@ def first_candidates(monkeypatch):
     launch = kernels._launch
 
     def pinned(which, grid_rows, B, H, args, meta, config):
-        launch(which, grid_rows, B, H, args, meta,
-               config or kernels.configs_for(which, meta["BLOCK_D"])[0])
+        return launch(which, grid_rows, B, H, args, meta,
+                      config or kernels.configs_for(which, meta["BLOCK_D"])[0])
 
     monkeypatch.setattr(kernels, "_launch", pinned)
+    # Plans made here keep their pinned kernels: give this test its own plan cache.
+    monkeypatch.setattr(kernels, "_PLANS", {})
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
@@ -276,3 +278,28 @@ def test_kv_lens_under_cuda_graph_capture():
         torch.cuda.synchronize()
         assert torch.equal(first, attention(q, k, v, kv_lens=torch.tensor([77, 9], device=DEVICE)))
         assert torch.equal(out, attention(q, k, v, kv_lens=torch.tensor([30, 77], device=DEVICE)))
+
+
+def test_repeated_calls_launch_the_chosen_kernels_directly(monkeypatch):
+    """After the first call of a shape (autotuning there), forward and backward launch the
+    chosen configurations directly, and give the first call's results bit for bit; the
+    inference path (no gradients, [B, L, H, D] read through strides) equals the autograd path."""
+    from stepdiff.kernels import attention_triton as kernels
+
+    monkeypatch.setattr(kernels, "_PLANS", {})  # only this test's plans below
+    q, k, v, do = _inputs(2, 8, 333, 200, 64, torch.bfloat16, seed=71)
+    first = _run(lambda a, b, c: attention(a, b, c), q, k, v, do)
+    second = _run(lambda a, b, c: attention(a, b, c), q, k, v, do)
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+    plans = [p for p in kernels._PLANS.values()]
+    assert plans
+    kernel_plans = [cell.cell_contents for p in plans for cell in (p.__closure__ or ())
+                    if isinstance(cell.cell_contents, kernels._KernelPlan)]
+    assert kernel_plans and all(kp.direct is not None for kp in kernel_plans)
+    blhd = [t.transpose(1, 2).contiguous() for t in (q, k, v)]
+    with torch.no_grad():
+        fast = attention(*blhd, layout="blhd")
+        fast_again = attention(*blhd, layout="blhd")
+    assert torch.equal(fast, fast_again)
+    # Other strides, same configuration and arithmetic; a wrong stride would be far off.
+    torch.testing.assert_close(fast.transpose(1, 2), first[0], rtol=2**-7, atol=2**-7)

@@ -6,8 +6,8 @@ with register spills. `tools/gpu_compile_check.py` compiles the package's real l
 sm_90 through PTX to machine code with a stand-in driver that launches nothing; this test runs
 it (in a subprocess: the interpreter must be off there) on a representative set and checks the
 machine code: everything compiles (attention also in its key-padding variant, ``kv_lens``),
-half-precision attention uses Hopper's warpgroup MMA, the
-fused kernels move data in 128-bit loads and stores, and nothing spills.
+half-precision attention uses Hopper's warpgroup MMA, the fused kernels move data in 128-bit
+loads and stores, and nothing spills.
 
 Not asserted, because it is not true yet: at head dimension 72 (DiT) a row is 72 elements, a
 stride Triton cannot prove divisible by 16, so its loads are not vectorized and most candidates
