@@ -169,6 +169,34 @@ def check_fused(fake: FakeH100Driver, dtypes) -> list[dict]:
     return records
 
 
+def check_norm(fake: FakeH100Driver, dtypes) -> list[dict]:
+    """GroupNorm+SiLU (NCHW and channels-last) and adaLN modulate, forward and backward, at the
+    UNet's and the DiT's sizes."""
+    from stepdiff.kernels import norm_triton as N
+
+    records = []
+    for dtype in dtypes:
+        x = _cpu_tensor((2, 128, 16, 16), dtype)
+        w, b = torch.ones(128), torch.zeros(128)
+        mean, rstd = torch.zeros(2, 32), torch.ones(2, 32)
+        t = _cpu_tensor((2, 256, 768), dtype)
+        shift, scale = _cpu_tensor((2, 768), dtype), _cpu_tensor((2, 768), dtype)
+        row_stats = torch.zeros(2, 256)
+        variants = {
+            "group_norm_silu forward (NCHW)": (partial(N.group_norm_silu_forward, x, 32, w, b, 1e-5), "_gn_silu_fwd"),
+            "group_norm_silu forward (channels-last)": (partial(
+                N.group_norm_silu_forward, x.to(memory_format=torch.channels_last), 32, w, b, 1e-5), "_gn_silu_fwd"),
+            "group_norm_silu backward (NCHW)": (partial(
+                N.group_norm_silu_backward, x.clone(), x, 32, w, b, mean, rstd), "_gn_silu_bwd"),
+            "adaln_modulate forward (D 768)": (partial(N.adaln_forward, t, shift, scale, 1e-6), "_adaln_fwd"),
+            "adaln_modulate backward (D 768)": (partial(N.adaln_backward, t.clone(), t, scale, row_stats, row_stats),
+                                                "_adaln_bwd"),
+        }
+        for label, (launch, kernel) in variants.items():
+            records += _compile(fake, launch, {"family": "norm", "variant": label, "dtype": str(dtype)}, keep=kernel)
+    return records
+
+
 def check_attention(fake: FakeH100Driver, dtypes, head_dims, all_configs: bool) -> list[dict]:
     """Forward and backward for each dtype and head dim, with and without ``kv_lens``: every
     autotuning candidate the GPU would try (``all_configs``), or the first."""
@@ -216,13 +244,13 @@ def main(argv=None) -> int:
     parser.add_argument("--all-configs", action="store_true", help="every autotuning configuration")
     parser.add_argument("--head-dims", default="40,64,72,128,160,256")
     parser.add_argument("--dtypes", default="float32,float16,bfloat16")
-    parser.add_argument("--no-fused", action="store_true", help="attention only")
+    parser.add_argument("--no-fused", action="store_true", help="attention only (no fused or norm kernels)")
     parser.add_argument("--json", type=Path, help="write the records here")
     args = parser.parse_args(argv)
     fake = _install()
     dtypes = tuple(getattr(torch, name) for name in args.dtypes.split(","))
     head_dims = [int(d) for d in args.head_dims.split(",") if d]
-    records = [] if args.no_fused else check_fused(fake, dtypes)
+    records = [] if args.no_fused else check_fused(fake, dtypes) + check_norm(fake, dtypes)
     records += check_attention(fake, dtypes, head_dims, args.all_configs)
     failed = [r for r in records if not r["ok"]]
     for r in records:

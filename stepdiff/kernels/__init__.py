@@ -6,5 +6,6 @@ are compiled on first use, on CUDA tensors (or in the interpreter when asked).
 
 from .attention import attention
 from .fused import affine_step, noise_add
+from .norm import adaln_modulate, group_norm_silu
 
-__all__ = ["affine_step", "attention", "noise_add"]
+__all__ = ["adaln_modulate", "affine_step", "attention", "group_norm_silu", "noise_add"]

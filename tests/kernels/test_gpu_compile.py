@@ -5,9 +5,9 @@ pass them and still fail to compile for a GPU, or compile into code without tens
 with register spills. `tools/gpu_compile_check.py` compiles the package's real launches for
 sm_90 through PTX to machine code with a stand-in driver that launches nothing; this test runs
 it (in a subprocess: the interpreter must be off there) on a representative set and checks the
-machine code: everything compiles (attention also in its key-padding variant, ``kv_lens``),
-half-precision attention uses Hopper's warpgroup MMA, the fused kernels move data in 128-bit
-loads and stores, and nothing spills.
+machine code: everything compiles (attention also in its key-padding variant, ``kv_lens``; the
+GroupNorm+SiLU and adaLN kernels forward and backward), half-precision attention uses Hopper's
+warpgroup MMA, the fused kernels move data in 128-bit loads and stores, and nothing spills.
 
 Not asserted, because it is not true yet: at head dimension 72 (DiT) a row is 72 elements, a
 stride Triton cannot prove divisible by 16, so its loads are not vectorized and most candidates
@@ -49,10 +49,11 @@ def test_kernels_compile_for_sm90(tmp_path):
         records += json.loads(out.read_text())["records"]
     assert all(r["ok"] for r in records)
     fused = [r for r in records if r["family"] == "fused"]
+    norm = [r for r in records if r["family"] == "norm"]
     attention = [r for r in records if r["family"] == "attention"]
     candidates = sum(len(configs_for(which, 128)) for which in ("fwd", "dkdv", "dq"))
     # Every attention launch is compiled without and with kv_lens (key padding).
-    assert len(fused) == 10 and len(attention) == 2 * (2 * 3 + candidates + 3)
+    assert len(fused) == 10 and len(norm) == 10 and len(attention) == 2 * (2 * 3 + candidates + 3)
     assert sum(r["kv_lens"] for r in attention) == len(attention) // 2
     for r in fused:
         assert r["spill_bytes"] == 0, r
@@ -61,6 +62,8 @@ def test_kernels_compile_for_sm90(tmp_path):
             # each thread 4 elements per run (64-bit loads), which an H100 measured faster
             # than 8 per thread with 128-bit loads (launch_config's docstring).
             assert r["vector_loads_128"] > 0, r
+    for r in norm:
+        assert r["spill_bytes"] == 0, r
     for r in attention:
         if r["dtype"] in ("torch.float16", "torch.bfloat16"):
             assert r["hgmma"] > 0, r  # tensor cores, in Hopper's warpgroup form
