@@ -205,6 +205,35 @@ def verify(name: str, fn, reset) -> int:
     return len(second)
 
 
+def verify_capture_variant() -> None:
+    """The first eager call of a noisy fused function also compiles and loads the kernel variant
+    that CUDA-graph capture needs (seed drawn on the device), since nothing can compile while
+    capturing: a call made as under capture must launch that variant directly, with a loaded
+    kernel, without going through Triton."""
+    from stepdiff.kernels import affine_step, fused
+
+    g = StandInCudaGenerator()
+    x = torch.randn(SMALL).to(torch.bfloat16)
+    c = torch.rand(())
+    affine_step(x, x, c, c, c, generator=g)  # eager: builds both plans
+    capturing, device_seed = fused._capturing, fused._device_seed
+    fused._capturing = lambda: True
+    fused._device_seed = lambda x, generator: torch.zeros(2, dtype=torch.int64)
+    stand_in._Launcher.launches = launches = []
+    try:
+        affine_step(x, x, c, c, c, generator=g)
+    finally:
+        fused._capturing, fused._device_seed = capturing, device_seed
+        stand_in._Launcher.launches = None
+    if len(launches) != 1:
+        raise AssertionError(f"capture variant: {len(launches)} launches")
+    args = launches[0][1]
+    # (grid, stream, function, metadata, launch metadata, enter hook, exit hook, ...): Triton's
+    # own path passes its hook chains; the direct path passes None when they are empty.
+    if args[4] is None or args[7] is not None:
+        raise AssertionError(f"capture variant not launched directly with a loaded kernel: {args[:9]}")
+
+
 def triton_path(name: str, fn, reset):
     """A callable launching the same kernel(s) through Triton's own per-call path with the same
     arguments (recorded from one plan call), for comparison."""
@@ -277,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     redirected = redirect()
     dtype = getattr(torch, args.dtype)
+    verify_capture_variant()
     records = []
     for name, (fn, reset) in cases(dtype).items():
         print(f"compiling and verifying: {name}", flush=True)

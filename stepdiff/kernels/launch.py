@@ -76,10 +76,11 @@ class DirectLaunch:
     def bind(self, compiled) -> None:
         """Use ``compiled`` (a ``CompiledKernel``) for the direct launches from now on."""
         self.compiled = compiled
-        self._function = compiled.function  # loads the binary on first access
+        run = compiled.run  # first: this loads the binary, which sets ``function``
+        self._function = compiled.function
         self._metadata = compiled.packed_metadata
         self._stream = driver.active.get_current_stream
-        self._run = compiled.run
+        self._run = run
 
     def __call__(self, grid: tuple, args: tuple) -> None:
         run = self._run

@@ -327,8 +327,10 @@ def test_other_seeds_and_offsets_give_independent_noise(other):
 
 
 def test_generator_maps_to_a_drawn_seed(monkeypatch):
-    """On the Triton path a generator supplies a fresh [seed, offset] per call; re-seeding
-    it reproduces the noise. On the reference path it feeds torch.randn."""
+    """On the Triton path with CPU data (the interpreter; also CUDA data under graph capture) a
+    generator supplies a fresh [seed, offset] drawn with torch.randint per call; re-seeding it
+    reproduces the noise. On the reference path it feeds torch.randn. (CUDA data outside
+    capture read the generator's Philox state on the host instead: test_launch_path.py.)"""
     shape = (3, 77)
     x = _randn(shape, seed=24)
     g = _generator(5)
