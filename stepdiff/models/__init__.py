@@ -2,6 +2,7 @@
 layer they share and a small text encoder."""
 
 from .attention import Attention
+from .clip import CLIP, CLIPConfig, clip_score, contrastive_loss, retrieval_accuracy
 from .dit import DIT_PRESETS, DiT, DiTConfig
 from .mlp import MLP, MLPConfig
 from .text import TextConditioned, TextEncoder
@@ -19,4 +20,9 @@ __all__ = [
     "DIT_PRESETS",
     "TextEncoder",
     "TextConditioned",
+    "CLIP",
+    "CLIPConfig",
+    "contrastive_loss",
+    "retrieval_accuracy",
+    "clip_score",
 ]
