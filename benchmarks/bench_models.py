@@ -21,8 +21,9 @@ Dtypes: ``float32``, and ``bfloat16``: float32 weights with ``torch.autocast`` t
 the CPU and on CUDA), as training in bf16 is done. Times are medians over ``--repeats`` timed
 calls after warm-up calls (which on CUDA also compile and autotune the Triton attention);
 ``img_per_s`` is the batch divided by the median. On the CPU each record also carries the CPU
-time per call and the load average before and after, because on a shared machine wall times
-depend on what else runs.
+time per call (``img_per_cpu_s`` = batch / CPU time: with ``--threads 1`` the single-core
+throughput, which a loaded machine changes far less than the wall time) and the load average
+before and after, because on a shared machine wall times depend on what else runs.
 
 Records go to ``benchmarks/results/<device>.json`` through ``benchmarks/common.py`` (on a CPU the
 file is named after the processor, ``cpu_<model>.json``), merged with the records already there.
@@ -134,7 +135,10 @@ def bench_model(name: str, dtype: str, device: str, steps: int, warmup: int, rep
         if impl != "train":
             record["per_eval_ms"] = 1e3 * median / steps
         if device == "cpu":
-            record.update(cpu_s_per_call=statistics.median(cpu), threads=torch.get_num_threads(),
+            # With one thread, CPU time is the time the call computed, whatever else waited for the
+            # cores: B / CPU time is the single-core throughput, robust to a loaded machine.
+            cpu_s = statistics.median(cpu)
+            record.update(cpu_s_per_call=cpu_s, img_per_cpu_s=B / cpu_s, threads=torch.get_num_threads(),
                           loadavg_before=round(load0[0], 2), loadavg_after=round(load1[0], 2))
         records.append(record)
         print(f"  {name} {impl} {dtype}: {record['img_per_s']:.1f} img/s (median {record['median_ms']:.0f} ms "
@@ -169,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             records += bench_model(name, dtype, device, args.steps, args.warmup, args.repeats, args.batch)
     columns = ["kernel", "impl", "dtype", "shape", "img_per_s", "median_ms", "repeats"]
     if device == "cpu":
-        columns += ["cpu_s_per_call", "loadavg_before", "loadavg_after"]
+        columns += ["img_per_cpu_s", "threads", "loadavg_before", "loadavg_after"]
     print_table(records, columns)
     if not args.no_write:
         path = None if device == "cuda" else RESULTS_DIR / f"cpu_{device_slug(cpu_name())}.json"
