@@ -634,6 +634,10 @@ def evaluate_samples(
         if not isinstance(ref, Tensor) or ref.shape[1:] != samples.shape[1:]:
             raise ValueError(f"{name} must be images of the samples' shape {tuple(samples.shape[1:])}")
     n = samples.shape[0]
+    if train.shape[0] < n:
+        raise ValueError(
+            f"train has {train.shape[0]} images but the real-vs-real floor at the samples' count needs at least {n}"
+        )
     f_s = extract_features(classifier, samples, batch_size=batch_size)
     f_h = extract_features(classifier, held_out, batch_size=batch_size)
     f_t = extract_features(classifier, train, batch_size=batch_size)

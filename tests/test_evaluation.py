@@ -293,3 +293,43 @@ def test_scene_correct_exactly_when_the_caption_is_satisfied():
     # the asked targets themselves, read back exactly, are all correct in both forms
     assert scene_errors(data.targets, data.targets)["all_correct"] == 1.0
     assert scene_errors(data.targets, specs)["all_correct"] == 1.0
+
+
+def test_evaluate_samples_one_call_report():
+    import json
+
+    from stepdiff.classifiers import DigitsMLP, ShapesClassifier
+    from stepdiff.evaluation import evaluate_samples, scene_errors
+    from stepdiff.image_data import load_digits
+    from stepdiff.shapes import make_shapes
+
+    torch.manual_seed(0)
+    judge = DigitsMLP(8, hidden=32, feature_dim=16).eval()
+    train, held = load_digits("train"), load_digits("heldout")
+    copies = train.images[:200]  # a generator that memorised its training set
+    rep = evaluate_samples(judge, copies, held_out=held.images, train=train.images, asked=train.labels[:200])
+    json.dumps(rep)  # JSON-ready
+    assert (rep["n_samples"], rep["n_held_out"], rep["n_train"]) == (200, 300, 1497)
+    assert (rep["frechet"]["n1"], rep["frechet"]["n2"]) == (200, 300)
+    assert (rep["frechet_floor"]["n1"], rep["frechet_floor"]["n2"], rep["frechet_floor"]["repeats"]) == (200, 300, 3)
+    assert rep["frechet_ratio"] == pytest.approx(rep["frechet"]["value"] / rep["frechet_floor"]["value"])
+    assert rep["memorisation"]["pixel"]["median"] == 0.0 and rep["memorisation"]["feature"]["median"] == 0.0
+    assert rep["memorisation"]["pixel"]["held_out_median"] > 0.1
+    expected = class_accuracy(judge.predict(copies), train.labels[:200], n_classes=10)
+    assert rep["accuracy"] == expected
+    with pytest.raises(ValueError, match="train has 100 images"):
+        evaluate_samples(judge, copies, held_out=held.images, train=train.images[:100])
+
+    reader = ShapesClassifier.for_dataset(width=8).eval()
+    scenes = make_shapes(40, seed=3, masks=False)
+    rep = evaluate_samples(
+        reader,
+        scenes.images[:20],
+        held_out=scenes.images[20:],
+        train=scenes.images[20:],
+        asked=scenes.targets[:20],
+        k=2,
+    )
+    assert rep["scenes"] == scene_errors(reader.predict(scenes.images[:20]), scenes.targets[:20])
+    assert rep["attributes"] == attribute_accuracy(reader.predict(scenes.images[:20]), scenes.targets[:20])
+    assert rep["precision_recall"]["k"] == 2
