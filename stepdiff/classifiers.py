@@ -468,17 +468,28 @@ def train_shapes_classifier(
 # --- storage ----------------------------------------------------------------------------------
 
 
-def save_classifier(path: str | Path, model: _Classifier, report: TrainReport | dict | None = None) -> Path:
-    """Write ``model`` (class name, config, weights, held-out scores, and ``report``) to ``path`` atomically."""
+def save_classifier(
+    path: str | Path, model: _Classifier, report: TrainReport | dict | None = None, *, dtype: torch.dtype | None = None
+) -> Path:
+    """Write ``model`` (class name, config, weights, held-out scores, and ``report``) to ``path`` atomically.
+
+    ``dtype`` (e.g. ``torch.float16``) stores the floating-point weights in that type to save
+    space; :func:`load_classifier` turns them back into float32.
+    """
     name = type(model).__name__
     if name not in CLASSIFIERS:
         raise ValueError(f"save_classifier stores {sorted(CLASSIFIERS)}; got {name}")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating-point torch.dtype; got {dtype!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {
         "class": name,
         "config": dict(model.config),
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "state_dict": {
+            k: v.detach().cpu().to(dtype) if dtype is not None and v.is_floating_point() else v.detach().cpu()
+            for k, v in model.state_dict().items()
+        },
         "held_out": dict(model.held_out),
         "report": report.as_dict() if isinstance(report, TrainReport) else report,
     }
@@ -504,7 +515,7 @@ def load_classifier(path: str | Path, map_location: str | torch.device = "cpu") 
         raise ValueError(f"{path} is not a classifier written by save_classifier")
     model = CLASSIFIERS[record["class"]](**record["config"])
     try:
-        model.load_state_dict(record["state_dict"])
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in record["state_dict"].items()})
     except RuntimeError as err:
         raise ValueError(f"{path}: the weights do not match {record['class']}({record['config']}): {err}") from None
     model.held_out = dict(record.get("held_out", {}))

@@ -124,6 +124,10 @@ def test_save_and_load_round_trip(tmp_path):
     x = torch.rand(3, 1, 16, 16) * 2 - 1
     assert isinstance(back, DigitsMLP) and not back.training
     assert torch.equal(back(x), model(x)) and back.held_out == {"accuracy": 0.5}
+    half = load_classifier(save_classifier(tmp_path / "half.pt", model, dtype=torch.float16))
+    assert next(half.parameters()).dtype == torch.float32
+    torch.testing.assert_close(half(x), model(x), rtol=0, atol=0.02)
+    assert (tmp_path / "half.pt").stat().st_size < 0.6 * path.stat().st_size
     with pytest.raises(FileNotFoundError, match="no classifier file"):
         load_classifier(tmp_path / "missing.pt")
     torch.save(
