@@ -118,8 +118,9 @@ class ClassifierFreeGuidance:
     with $\mathrm{std}$ per sample over all non-batch entries. Unlike guidance itself this is not
     the same in every parametrization: the paper applies it to its networks' outputs, which
     predict $v = \alpha\varepsilon - \sigma x_0$ (its fix 2), so it is applied here to the
-    $v$-prediction by default (``rescale_on="v"``; diffusers applies it to whatever the network
-    predicts, usually $\varepsilon$). When ``prediction`` (what the model returns) differs from
+    $v$-prediction by default (``rescale_on="v"``). Implementations differ here (diffusers
+    rescales whatever the network predicts, usually $\varepsilon$; some ports rescale
+    $\hat x_0$), and ``rescale_on`` picks any of them. When ``prediction`` (what the model returns) differs from
     ``rescale_on``, both branches and the guided prediction are converted to ``rescale_on`` with
     :func:`stepdiff.parametrize.conversion_coefficients` (which needs ``schedule``), rescaled, and
     converted back. $\varphi = 0$ is plain guidance; $\varphi = 1$ gives each sample exactly the
