@@ -7,6 +7,7 @@ from .dit import DIT_PRESETS, DiT, DiTConfig
 from .mlp import MLP, MLPConfig
 from .text import TextConditioned, TextEncoder
 from .unet import UNET_PRESETS, UNet, UNetConfig
+from .vae import ELBO, VAE, VAEConfig
 
 __all__ = [
     "Attention",
@@ -25,4 +26,7 @@ __all__ = [
     "contrastive_loss",
     "retrieval_accuracy",
     "clip_score",
+    "VAE",
+    "VAEConfig",
+    "ELBO",
 ]
