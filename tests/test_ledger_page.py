@@ -171,7 +171,7 @@ def test_a_failed_row_fails_the_build(tmp_path):
 
 def test_a_statement_without_a_row_fails_the_build(tmp_path):
     warnings, page = _build(_project(tmp_path, [_row("one holds", label="Claim 1")]))
-    assert "of the tutorial's statements have no ledger row in any chapter: Claim 2" in warnings
+    assert "ledger: 1 of the tutorial's statements has no ledger row in any chapter: Claim 2" in warnings
     assert "1 not covered" in page
 
 

@@ -356,7 +356,8 @@ def _check(app, env):
         missing = [label for label, status in classify(statements, rows).items() if status == "not covered"]
         if missing:
             logger.warning(
-                f"ledger: {len(missing)} of the tutorial's statements have no ledger row in any chapter: "
+                f"ledger: {len(missing)} of the tutorial's statements {'has' if len(missing) == 1 else 'have'} "
+                f"no ledger row in any chapter: "
                 f"{', '.join(missing)} (record one with ledger.check(..., label=...) or ledger.stated(label, ...))",
                 type="ledger",
                 subtype="missing",
