@@ -624,9 +624,8 @@ def _star_vertices(points: int, outer: float, inner: float) -> list[tuple[float,
 
 
 _TRIANGLE = [(0.0, -0.72), (0.84, 0.72), (-0.84, 0.72)]  # apex up, centred on its bounding box
-_STAR = _star_vertices(5, 1.05, 0.5)
 _STAR_SHIFT = 0.5 * (1.05 - 1.05 * math.cos(math.pi / 5))  # centre the star's bounding box
-_STAR = [(px, py + _STAR_SHIFT) for px, py in _STAR]
+_STAR = [(px, py + _STAR_SHIFT) for px, py in _star_vertices(5, 1.05, 0.5)]
 _DIAMOND = [(0.0, -1.0), (0.64, 0.0), (0.0, 1.0), (-0.64, 0.0)]
 _SQRT_HALF = math.sqrt(0.5)
 _HEART_D = 0.74  # half-diagonal of the heart's square; its two lobes sit on the upper sides
