@@ -2,6 +2,7 @@
 layer they share and a small text encoder."""
 
 from .attention import Attention
+from .autoencoder import AE_PRESETS, Autoencoder, AutoencoderConfig, psnr
 from .clip import CLIP, CLIPConfig, clip_score, contrastive_loss, retrieval_accuracy
 from .dit import DIT_PRESETS, DiT, DiTConfig
 from .mlp import MLP, MLPConfig
@@ -29,4 +30,8 @@ __all__ = [
     "VAE",
     "VAEConfig",
     "ELBO",
+    "Autoencoder",
+    "AutoencoderConfig",
+    "AE_PRESETS",
+    "psnr",
 ]
