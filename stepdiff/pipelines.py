@@ -1,0 +1,243 @@
+r"""Latent diffusion and the text-to-image pipeline: the three trained parts put together.
+
+A text-to-image system in the manner of Stable Diffusion (Rombach et al. 2022) is three networks:
+
+1. a **text encoder**: here the text tower of the small :class:`~stepdiff.models.clip.CLIP`,
+   frozen, whose per-token outputs (before pooling) are the context ``[B, L, D]`` the denoiser
+   attends to;
+2. an **autoencoder** (:class:`~stepdiff.models.autoencoder.Autoencoder`), frozen, in whose
+   latent space the diffusion runs: training images become scaled latents $z = s\cdot\mu(x)$
+   (:func:`encode_dataset`), and sampled latents are decoded back to images;
+3. a **denoiser**: the package's :class:`~stepdiff.models.unet.UNet` on latents, with
+   cross-attention to the text context (:func:`latent_text_model` joins it to the frozen text
+   encoder in a :class:`~stepdiff.models.text.TextConditioned`, so that it is called as
+   ``model(x, t, y=token_ids)`` and trained by :func:`stepdiff.train.train` with captions as
+   labels and caption dropout for guidance).
+
+:class:`TextToImage` runs the whole chain:
+
+$$\text{prompt} \xrightarrow{\text{tokenizer}} \text{ids} \xrightarrow{\text{text encoder}} c
+\xrightarrow{\text{guided sampler}} z_0 \xrightarrow{\text{decoder}} x,$$
+
+with classifier-free guidance on text, $\hat p = p(z_t, \varnothing) + w\,(p(z_t, c) - p(z_t,
+\varnothing))$, through :class:`~stepdiff.guidance.ClassifierFreeGuidance`, and any sampler of
+:mod:`stepdiff.samplers`. Without an autoencoder the same pipeline samples in pixel space (the
+pixel-space model that latent diffusion is compared with).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import replace
+
+import torch
+from torch import Tensor, nn
+
+from .guidance import ClassifierFreeGuidance
+from .models.autoencoder import Autoencoder
+from .models.clip import CLIP
+from .models.text import TextConditioned, TextEncoder
+from .models.unet import UNet, UNetConfig
+from .samplers import SAMPLERS
+from .schedules import FlowMatchingSchedule, Schedule, time_grid
+from .text import Tokenizer
+
+__all__ = ["freeze", "latent_text_model", "encode_dataset", "TextToImage"]
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """Stop gradients to ``module``'s parameters and put it in evaluation mode; returns it."""
+    module.requires_grad_(False)
+    return module.eval()
+
+
+def latent_text_model(text_encoder: TextEncoder | CLIP, config: UNetConfig, *,
+                      tokenizer: Tokenizer | None = None, freeze_encoder: bool = True) -> TextConditioned:
+    r"""A text-conditioned :class:`~stepdiff.models.unet.UNet` whose context is the (frozen) text encoder's
+    per-token output: ``model(z, t, y=token_ids)``.
+
+    ``text_encoder``: a :class:`~stepdiff.models.text.TextEncoder`, or a :class:`~stepdiff.models.clip.CLIP`
+    whose text tower's encoder is taken. ``config``: the UNet's sizes; its ``context_dim`` is set
+    to the encoder's width (``in_channels`` is the autoencoder's ``latent_channels`` for latent
+    diffusion, the image channels in pixel space). The empty caption (the "no caption" row of
+    guidance and of caption dropout) is the tokenizer's ``empty`` row ``<bos> <eos>``. With
+    ``freeze_encoder`` the encoder's parameters get no gradient (Stable Diffusion keeps its CLIP
+    text encoder fixed), so :func:`stepdiff.train.train` updates the UNet alone.
+    """
+    encoder = text_encoder.text_encoder if isinstance(text_encoder, CLIP) else text_encoder
+    if not isinstance(encoder, TextEncoder):
+        raise TypeError(f"text_encoder must be a TextEncoder or a CLIP; got {type(text_encoder).__name__}")
+    if not isinstance(config, UNetConfig):
+        raise TypeError(f"config must be a UNetConfig; got {type(config).__name__}")
+    tokenizer = Tokenizer() if tokenizer is None else tokenizer
+    if encoder.pad_id != tokenizer.pad_id or encoder.vocab_size != tokenizer.vocab_size:
+        raise ValueError(f"the text encoder (vocab_size {encoder.vocab_size}, pad_id {encoder.pad_id}) does not "
+                         f"read this tokenizer's ids (vocab_size {tokenizer.vocab_size}, pad_id {tokenizer.pad_id})")
+    unet = UNet(replace(config, context_dim=encoder.dim))
+    if freeze_encoder:
+        freeze(encoder)
+    return TextConditioned(unet, encoder, tokenizer.pad_id, tokenizer.empty(1)[0])
+
+
+@torch.no_grad()
+def encode_dataset(autoencoder: Autoencoder, images: Tensor, *, batch_size: int = 256) -> Tensor:
+    """The scaled latents ``scale_factor * mean of q(z|x)`` of ``images`` ``[N, C, H, W]``, in batches,
+    in evaluation mode, on the CPU: the training data of a latent diffusion model."""
+    if not isinstance(autoencoder, Autoencoder):
+        raise TypeError(f"autoencoder must be an Autoencoder; got {type(autoencoder).__name__}")
+    was = autoencoder.training
+    autoencoder.eval()
+    device = autoencoder.scale_factor.device
+    try:
+        out = [autoencoder.encode_latents(images[i : i + batch_size].to(device)).float().cpu()
+               for i in range(0, images.shape[0], batch_size)]
+    finally:
+        autoencoder.train(was)
+    return torch.cat(out)
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer; got {value!r}")
+    return value
+
+
+class TextToImage:
+    r"""Prompt in, image out: tokenizer, text encoder, guided sampling (in latents), decoder.
+
+    - ``model``: a text-conditioned denoiser called ``model(x, t, y=token_ids)`` with ``null_ids``
+      and ``pad_id`` (a :class:`~stepdiff.models.text.TextConditioned`, e.g. from
+      :func:`latent_text_model`).
+    - ``autoencoder``: the :class:`~stepdiff.models.autoencoder.Autoencoder` whose scaled latents
+      the model was trained on (``None``: the model works in pixels).
+    - ``image_size``: the side of the output images (a multiple of the autoencoder's factor).
+    - ``schedule``, ``prediction``: the diffusion process and what the model predicts, as in
+      training (default: flow matching and the velocity).
+    - ``tokenizer``: default :class:`~stepdiff.text.Tokenizer`.
+
+    ``pipe(prompts, ...)`` returns images ``[B, C, H, W]`` in $[-1, 1]$; see :meth:`__call__`.
+    """
+
+    def __init__(self, model: nn.Module, autoencoder: Autoencoder | None = None, *, image_size: int = 32,
+                 schedule: Schedule | None = None, prediction: str = "velocity",
+                 tokenizer: Tokenizer | None = None) -> None:
+        if not callable(model) or getattr(model, "null_ids", None) is None:
+            raise TypeError("model must be a text-conditioned denoiser model(x, t, y=token_ids) with null_ids "
+                            "(a TextConditioned)")
+        if autoencoder is not None and not isinstance(autoencoder, Autoencoder):
+            raise TypeError(f"autoencoder must be an Autoencoder or None; got {type(autoencoder).__name__}")
+        self.model, self.autoencoder = model, autoencoder
+        self.tokenizer = Tokenizer() if tokenizer is None else tokenizer
+        self.schedule = FlowMatchingSchedule() if schedule is None else schedule
+        self.prediction = prediction
+        self.image_size = _positive_int("image_size", image_size)
+        channels = getattr(getattr(getattr(model, "denoiser", None), "config", None), "in_channels", None)
+        if autoencoder is not None:
+            self.sample_shape = autoencoder.latent_shape(image_size)
+            if channels is not None and channels != self.sample_shape[0]:
+                raise ValueError(f"the denoiser takes {channels} channels but the autoencoder's latents have "
+                                 f"{self.sample_shape[0]}")
+        else:
+            self.sample_shape = (3 if channels is None else channels, image_size, image_size)
+
+    def __repr__(self) -> str:
+        space = "pixels" if self.autoencoder is None else f"latents {self.sample_shape}"
+        return f"TextToImage({self.image_size}x{self.image_size}, {space}, {self.schedule!r}, {self.prediction!r})"
+
+    def encode_prompts(self, prompts: str | Sequence[str], *, unknown: str = "error") -> Tensor:
+        """Token rows ``[B, L]`` of the prompts. A prompt that is empty, has no known word, or (with
+        ``unknown="error"``, the default) has any word outside the vocabulary, or needs more tokens
+        than the text encoder has positions, is refused with a ``ValueError`` naming it: the
+        denoiser never saw ``<unk>`` in training, so an unknown word would be dropped silently.
+        ``unknown="keep"`` passes such words on as ``<unk>``."""
+        if unknown not in ("error", "keep"):
+            raise ValueError(f"unknown must be 'error' or 'keep'; got {unknown!r}")
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not isinstance(prompts, Sequence) or not prompts:
+            raise ValueError(f"prompts must be a string or a non-empty list of strings; got {prompts!r}")
+        tok = self.tokenizer
+        for i, text in enumerate(prompts):
+            if not isinstance(text, str):
+                raise ValueError(f"prompt {i} must be a string; got {type(text).__name__} {text!r}")
+            words = tok.words(text)
+            if not words:
+                raise ValueError(f"prompt {i} {text!r} is empty: describe the image (e.g. 'a red circle at the top')")
+            bad = [w for w in words if w not in tok.ids]
+            if bad and (unknown == "error" or len(bad) == len(words)):
+                known = ", ".join(t for t in tok.tokens if not t.startswith("<"))
+                raise ValueError(f"prompt {i} {text!r} has unknown word(s) {bad}; the known words are: {known}")
+        ids = tok.encode(list(prompts))
+        limit = getattr(getattr(self.model, "encoder", None), "max_len", None)
+        lengths = (ids != tok.pad_id).sum(1)
+        if limit is not None and int(lengths.max()) > limit:
+            i = int(lengths.argmax())
+            raise ValueError(f"prompt {i} {prompts[i]!r} needs {int(lengths[i])} tokens, more than the text "
+                             f"encoder's {limit} (max_len)")
+        return ids
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompts: str | Sequence[str],
+        *,
+        num_images_per_prompt: int = 1,
+        guidance_scale: float = 3.0,
+        sampler: str = "euler",
+        steps: int = 30,
+        spacing: str = "uniform",
+        seed: int | None = 0,
+        generator: torch.Generator | None = None,
+        unknown: str = "error",
+        return_latents: bool = False,
+        **sampler_kwargs,
+    ) -> Tensor:
+        r"""Images ``[B * num_images_per_prompt, C, H, W]`` in $[-1, 1]$ for the prompts, in order
+        (the images of prompt $i$ are rows $i\cdot n .. i\cdot n + n - 1$).
+
+        - ``guidance_scale`` $w \ge 0$: 1 is the conditional model, 0 the unconditional one.
+        - ``sampler``: a name of :data:`stepdiff.samplers.SAMPLERS`; ``steps`` and ``spacing``
+          make the grid (:func:`stepdiff.schedules.time_grid`); ``sampler_kwargs`` go to the sampler.
+        - ``seed`` (or a ``generator``): the initial noise and any noise the sampler draws, so a
+          seed gives the same images on the same device.
+        - ``return_latents``: also return the final latents (``(images, latents)``).
+        """
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not guidance_scale >= 0:
+            raise ValueError(f"guidance_scale must be a number >= 0 (1: the conditional model, 0: the "
+                             f"unconditional one); got {guidance_scale!r}")
+        n = _positive_int("num_images_per_prompt", num_images_per_prompt)
+        _positive_int("steps", steps)
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
+        ids = self.encode_prompts(prompts, unknown=unknown).repeat_interleave(n, dim=0)
+        device = next(self.model.parameters()).device if isinstance(self.model, nn.Module) else torch.device("cpu")
+        if generator is None:
+            generator = torch.Generator(device=device)
+            if seed is not None:
+                generator.manual_seed(seed)
+        ids = ids.to(device)
+        x = torch.randn((ids.shape[0], *self.sample_shape), generator=generator, device=device)
+        ts = time_grid(steps, spacing, self.schedule)
+        kwargs = {"prediction": self.prediction, **sampler_kwargs}
+        if "generator" in inspect.signature(SAMPLERS[sampler]).parameters:
+            kwargs.setdefault("generator", generator)
+        guided = ClassifierFreeGuidance(self.model, float(guidance_scale), y=ids)
+        training = self.model.training if isinstance(self.model, nn.Module) else False
+        if isinstance(self.model, nn.Module):
+            self.model.eval()
+        try:
+            z = SAMPLERS[sampler](guided, x, self.schedule, ts, **kwargs)
+        finally:
+            if isinstance(self.model, nn.Module):
+                self.model.train(training)
+        if self.autoencoder is None:
+            images = z.clamp(-1.0, 1.0)
+        else:
+            was = self.autoencoder.training
+            self.autoencoder.eval()
+            try:
+                images = self.autoencoder.decode_latents(z)
+            finally:
+                self.autoencoder.train(was)
+        return (images, z) if return_latents else images
