@@ -2,26 +2,26 @@ r"""Latent diffusion and the text-to-image pipeline: the three trained parts put
 
 A text-to-image system in the manner of Stable Diffusion (Rombach et al. 2022) is three networks:
 
-1. a **text encoder**: here the text tower of the small :class:`~stepdiff.models.clip.CLIP`,
+1. a **text encoder**: here the text tower of the small {class}`~stepdiff.models.clip.CLIP`,
    frozen, whose per-token outputs (before pooling) are the context ``[B, L, D]`` the denoiser
    attends to;
-2. an **autoencoder** (:class:`~stepdiff.models.autoencoder.Autoencoder`), frozen, in whose
+2. an **autoencoder** ({class}`~stepdiff.models.autoencoder.Autoencoder`), frozen, in whose
    latent space the diffusion runs: training images become scaled latents $z = s\cdot\mu(x)$
-   (:func:`encode_dataset`), and sampled latents are decoded back to images;
-3. a **denoiser**: the package's :class:`~stepdiff.models.unet.UNet` on latents, with
-   cross-attention to the text context (:func:`latent_text_model` joins it to the frozen text
-   encoder in a :class:`~stepdiff.models.text.TextConditioned`, so that it is called as
-   ``model(x, t, y=token_ids)`` and trained by :func:`stepdiff.train.train` with captions as
+   ({func}`encode_dataset`), and sampled latents are decoded back to images;
+3. a **denoiser**: the package's {class}`~stepdiff.models.unet.UNet` on latents, with
+   cross-attention to the text context ({func}`latent_text_model` joins it to the frozen text
+   encoder in a {class}`~stepdiff.models.text.TextConditioned`, so that it is called as
+   ``model(x, t, y=token_ids)`` and trained by {func}`stepdiff.train.train` with captions as
    labels and caption dropout for guidance).
 
-:class:`TextToImage` runs the whole chain:
+{class}`TextToImage` runs the whole chain:
 
 $$\text{prompt} \xrightarrow{\text{tokenizer}} \text{ids} \xrightarrow{\text{text encoder}} c
 \xrightarrow{\text{guided sampler}} z_0 \xrightarrow{\text{decoder}} x,$$
 
 with classifier-free guidance on text, $\hat p = p(z_t, \varnothing) + w\,(p(z_t, c) - p(z_t,
-\varnothing))$, through :class:`~stepdiff.guidance.ClassifierFreeGuidance`, and any sampler of
-:mod:`stepdiff.samplers`. Without an autoencoder the same pipeline samples in pixel space (the
+\varnothing))$, through {class}`~stepdiff.guidance.ClassifierFreeGuidance`, and any sampler of
+{mod}`stepdiff.samplers`. Without an autoencoder the same pipeline samples in pixel space (the
 pixel-space model that latent diffusion is compared with).
 """
 
@@ -47,23 +47,25 @@ __all__ = ["freeze", "latent_text_model", "encode_dataset", "TextToImage"]
 
 
 def freeze(module: nn.Module) -> nn.Module:
-    """Stop gradients to ``module``'s parameters and put it in evaluation mode; returns it."""
+    r"""Hold ``module``'s parameters $\theta$ fixed (no gradient $\partial\mathcal L/\partial\theta$ is
+    computed, so no optimiser moves them) and put it in evaluation mode; returns it."""
     module.requires_grad_(False)
     return module.eval()
 
 
 def latent_text_model(text_encoder: TextEncoder | CLIP, config: UNetConfig, *,
                       tokenizer: Tokenizer | None = None, freeze_encoder: bool = True) -> TextConditioned:
-    r"""A text-conditioned :class:`~stepdiff.models.unet.UNet` whose context is the (frozen) text encoder's
-    per-token output: ``model(z, t, y=token_ids)``.
+    r"""A text-conditioned {class}`~stepdiff.models.unet.UNet` whose context is the (frozen) text encoder's
+    per-token output: ``model(z, t, y=token_ids)`` $= f_\theta\big(z_t, t, E(c)\big)$ with the encoder
+    $E$ fixed.
 
-    ``text_encoder``: a :class:`~stepdiff.models.text.TextEncoder`, or a :class:`~stepdiff.models.clip.CLIP`
+    ``text_encoder``: a {class}`~stepdiff.models.text.TextEncoder`, or a {class}`~stepdiff.models.clip.CLIP`
     whose text tower's encoder is taken. ``config``: the UNet's sizes; its ``context_dim`` is set
     to the encoder's width (``in_channels`` is the autoencoder's ``latent_channels`` for latent
     diffusion, the image channels in pixel space). The empty caption (the "no caption" row of
     guidance and of caption dropout) is the tokenizer's ``empty`` row ``<bos> <eos>``. With
     ``freeze_encoder`` the encoder's parameters get no gradient (Stable Diffusion keeps its CLIP
-    text encoder fixed), so :func:`stepdiff.train.train` updates the UNet alone.
+    text encoder fixed), so {func}`stepdiff.train.train` updates the UNet alone.
     """
     encoder = text_encoder.text_encoder if isinstance(text_encoder, CLIP) else text_encoder
     if not isinstance(encoder, TextEncoder):
@@ -82,8 +84,9 @@ def latent_text_model(text_encoder: TextEncoder | CLIP, config: UNetConfig, *,
 
 @torch.no_grad()
 def encode_dataset(autoencoder: Autoencoder, images: Tensor, *, batch_size: int = 256) -> Tensor:
-    """The scaled latents ``scale_factor * mean of q(z|x)`` of ``images`` ``[N, C, H, W]``, in batches,
-    in evaluation mode, on the CPU: the training data of a latent diffusion model."""
+    r"""The scaled latents $z = s\,\mu_\phi(x)$ ($s$ = ``scale_factor``, $\mu_\phi$ the posterior mean) of
+    ``images`` ``[N, C, H, W]``, in batches, in evaluation mode, on the CPU: the training data of a
+    latent diffusion model."""
     if not isinstance(autoencoder, Autoencoder):
         raise TypeError(f"autoencoder must be an Autoencoder; got {type(autoencoder).__name__}")
     was = autoencoder.training
@@ -107,16 +110,16 @@ class TextToImage:
     r"""Prompt in, image out: tokenizer, text encoder, guided sampling (in latents), decoder.
 
     - ``model``: a text-conditioned denoiser called ``model(x, t, y=token_ids)`` with ``null_ids``
-      and ``pad_id`` (a :class:`~stepdiff.models.text.TextConditioned`, e.g. from
-      :func:`latent_text_model`).
-    - ``autoencoder``: the :class:`~stepdiff.models.autoencoder.Autoencoder` whose scaled latents
+      and ``pad_id`` (a {class}`~stepdiff.models.text.TextConditioned`, e.g. from
+      {func}`latent_text_model`).
+    - ``autoencoder``: the {class}`~stepdiff.models.autoencoder.Autoencoder` whose scaled latents
       the model was trained on (``None``: the model works in pixels).
     - ``image_size``: the side of the output images (a multiple of the autoencoder's factor).
     - ``schedule``, ``prediction``: the diffusion process and what the model predicts, as in
       training (default: flow matching and the velocity).
-    - ``tokenizer``: default :class:`~stepdiff.text.Tokenizer`.
+    - ``tokenizer``: default {class}`~stepdiff.text.Tokenizer`.
 
-    ``pipe(prompts, ...)`` returns images ``[B, C, H, W]`` in $[-1, 1]$; see :meth:`__call__`.
+    ``pipe(prompts, ...)`` returns images ``[B, C, H, W]`` in $[-1, 1]$; see {meth}`__call__`.
     """
 
     def __init__(self, model: nn.Module, autoencoder: Autoencoder | None = None, *, image_size: int = 32,
@@ -197,8 +200,8 @@ class TextToImage:
         (the images of prompt $i$ are rows $i\cdot n .. i\cdot n + n - 1$).
 
         - ``guidance_scale`` $w \ge 0$: 1 is the conditional model, 0 the unconditional one.
-        - ``sampler``: a name of :data:`stepdiff.samplers.SAMPLERS`; ``steps`` and ``spacing``
-          make the grid (:func:`stepdiff.schedules.time_grid`); ``sampler_kwargs`` go to the sampler.
+        - ``sampler``: a name of {data}`stepdiff.samplers.SAMPLERS`; ``steps`` and ``spacing``
+          make the grid ({func}`stepdiff.schedules.time_grid`); ``sampler_kwargs`` go to the sampler.
         - ``seed`` (or a ``generator``): the initial noise and any noise the sampler draws, so a
           seed gives the same images on the same device.
         - ``return_latents``: also return the final latents (``(images, latents)``).

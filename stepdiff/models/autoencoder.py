@@ -24,9 +24,9 @@ measured PSNR and the Fréchet distance of reconstructions say how much is lost.
 **Latent scale.** The latents come out at whatever scale the encoder settled on, while a
 diffusion model assumes data of about unit variance. As Stable Diffusion does, a single
 ``scale_factor`` $= 1/\mathrm{std}(z)$ is measured once on a batch of training latents
-(:meth:`Autoencoder.fit_scale_factor`) and stored with the model (a buffer, so it travels in
-the ``state_dict``): diffusion runs on $z\cdot$ ``scale_factor`` (:meth:`Autoencoder.encode_latents`)
-and the decoder is given $z/$ ``scale_factor`` (:meth:`Autoencoder.decode_latents`). Here $z$ is
+({meth}`Autoencoder.fit_scale_factor`) and stored with the model (a buffer, so it travels in
+the ``state_dict``): diffusion runs on $z\cdot$ ``scale_factor`` ({meth}`Autoencoder.encode_latents`)
+and the decoder is given $z/$ ``scale_factor`` ({meth}`Autoencoder.decode_latents`). Here $z$ is
 the posterior mean (the posterior's spread is negligible at this $\beta$, and the mean keeps the
 training latents deterministic); ``sample=True`` measures on draws instead, as Stable Diffusion
 does.
@@ -56,7 +56,7 @@ __all__ = [
 
 @dataclass
 class AutoencoderConfig:
-    """Sizes of an :class:`Autoencoder` (the defaults are the ``f4`` preset for 32x32x3 images)."""
+    """Sizes of an {class}`Autoencoder` (the defaults are the ``f4`` preset for 32x32x3 images)."""
 
     in_channels: int = 3
     channels: int = 32  # width of the first level; level i has channels * channel_mult[i]
@@ -88,7 +88,7 @@ class AutoencoderConfig:
 
     @classmethod
     def preset(cls, name: str, **changes) -> AutoencoderConfig:
-        """A named configuration (:data:`AE_PRESETS`) with fields replaced by ``changes``."""
+        """A named configuration ({data}`AE_PRESETS`) with fields replaced by ``changes``."""
         if name not in AE_PRESETS:
             raise ValueError(f"unknown autoencoder preset {name!r}; choose one of {sorted(AE_PRESETS)}")
         known = {f.name for f in fields(cls)}
@@ -109,8 +109,8 @@ AE_PRESETS: dict[str, AutoencoderConfig] = {
 
 
 class DiagonalGaussian:
-    r"""$\mathcal N(\mu, \mathrm{diag}\,e^{\ell})$ over latents ``[B, c, h, w]``: :meth:`sample`,
-    :meth:`mode` and the :meth:`kl` to $\mathcal N(0, I)$ per image. The log-variance is clamped to
+    r"""$\mathcal N(\mu, \mathrm{diag}\,e^{\ell})$ over latents ``[B, c, h, w]``: {meth}`sample`,
+    {meth}`mode` and the {meth}`kl` to $\mathcal N(0, I)$ per image. The log-variance is clamped to
     $[-30, 20]$ (as Stable Diffusion's) so that a wild encoder output cannot overflow."""
 
     def __init__(self, mean: Tensor, logvar: Tensor) -> None:
@@ -148,7 +148,8 @@ class AEResBlock(nn.Module):
 
 
 class Encoder(nn.Module):
-    """Image ``[B, C, H, W]`` to the mean and log-variance ``[B, 2c, H/f, W/f]`` (concatenated)."""
+    r"""$x \mapsto (\mu(x), \log s^2(x))$: an image ``[B, C, H, W]`` to the mean and log-variance
+    ``[B, 2c, H/f, W/f]`` (concatenated along the channels)."""
 
     def __init__(self, c: AutoencoderConfig) -> None:
         super().__init__()
@@ -170,7 +171,7 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Latents ``[B, c, h, w]`` to an image ``[B, C, f h, f w]``."""
+    r"""$z \mapsto \hat x = \mathrm{dec}(z)$: latents ``[B, c, h, w]`` to an image ``[B, C, f h, f w]``."""
 
     def __init__(self, c: AutoencoderConfig) -> None:
         super().__init__()
@@ -191,13 +192,13 @@ class Decoder(nn.Module):
 
 
 class Autoencoder(nn.Module):
-    r"""The autoencoder of the module docstring; sizes in :class:`AutoencoderConfig`.
+    r"""The autoencoder of the module docstring; sizes in {class}`AutoencoderConfig`.
 
-    - :meth:`encode` ``x -> DiagonalGaussian`` over ``[B, c, H/f, W/f]``; :meth:`decode` ``z -> x̂``;
+    - {meth}`encode` ``x -> DiagonalGaussian`` over ``[B, c, H/f, W/f]``; {meth}`decode` ``z -> x̂``;
     - ``forward(x, generator=None, sample=True)`` $\to$ ``(x̂, posterior)``;
-    - :meth:`loss` the L1 + $\beta$ KL objective and its parts;
-    - ``scale_factor`` (a buffer, 1 until :meth:`fit_scale_factor`), :meth:`encode_latents` and
-      :meth:`decode_latents` for diffusion in the scaled latent space.
+    - {meth}`loss` the L1 + $\beta$ KL objective and its parts;
+    - ``scale_factor`` (a buffer, 1 until {meth}`fit_scale_factor`), {meth}`encode_latents` and
+      {meth}`decode_latents` for diffusion in the scaled latent space.
     """
 
     def __init__(self, config: AutoencoderConfig | None = None, **kwargs) -> None:
@@ -318,7 +319,8 @@ class Autoencoder(nn.Module):
 
 def autoencoder_loss(model: Autoencoder, x0: Tensor, y: Tensor | None = None,
                      generator: torch.Generator | None = None) -> Tensor:
-    """:meth:`Autoencoder.loss` in the shape of :func:`stepdiff.train.train`'s ``loss_fn(model, x0, y, generator)``."""
+    r"""$\frac1{BD}\sum_b\big(\lVert x_b - \hat x_b\rVert_1 + \beta\,\mathrm{KL}_b\big)$ ({meth}`Autoencoder.loss`) in
+    the shape of {func}`stepdiff.train.train`'s ``loss_fn(model, x0, y, generator)``."""
     if y is not None:
         raise ValueError("the autoencoder is unconditional: train it without labels")
     return model.loss(x0, generator)[0]

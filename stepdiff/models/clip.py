@@ -6,9 +6,9 @@ $E$:
 - **ImageTower**: a small CNN. Stages of (3x3 convolution, GroupNorm, SiLU) twice, then 2x2
   average pooling, down to an $s\times s$ map (4x4 for 32x32 images); the map is *flattened*,
   not averaged, and projected to $E$, so where an object sits survives (captions name positions).
-- **TextTower**: the caption's token ids through a :class:`~stepdiff.models.text.TextEncoder`
+- **TextTower**: the caption's token ids through a {class}`~stepdiff.models.text.TextEncoder`
   (a small transformer whose attention ignores padding), pooled at the end token (the last real
-  token of each row: ``<eos>`` for :class:`~stepdiff.text.Tokenizer` rows) or by the mean over
+  token of each row: ``<eos>`` for {class}`~stepdiff.text.Tokenizer` rows) or by the mean over
   the real tokens, then projected to $E$. Its per-token outputs, before pooling, are what a
   text-to-image denoiser attends to.
 
@@ -21,8 +21,8 @@ images, whose right answers are the diagonal:
 $$\mathcal L = \frac12\Big[\frac1B\sum_i -\log\frac{e^{\ell_{ii}}}{\sum_j e^{\ell_{ij}}}
 + \frac1B\sum_j -\log\frac{e^{\ell_{jj}}}{\sum_i e^{\ell_{ij}}}\Big].$$
 
-:func:`retrieval_accuracy` measures the result ($n$-way top-1, both directions) and
-:func:`clip_score` reads the agreement of any image with any caption (CLIPScore, Hessel et al.
+{func}`retrieval_accuracy` measures the result ($n$-way top-1, both directions) and
+{func}`clip_score` reads the agreement of any image with any caption (CLIPScore, Hessel et al.
 2021, in the $100\max(\cos, 0)$ form of common implementations).
 """
 
@@ -58,9 +58,9 @@ def _positive_int(name: str, value) -> None:
 
 @dataclass
 class CLIPConfig:
-    """Sizes of a :class:`CLIP` (the defaults are the ``small`` preset, for 32x32 "shapes").
+    """Sizes of a {class}`CLIP` (the defaults are the ``small`` preset, for 32x32 "shapes").
 
-    ``vocab_size``, ``max_len`` and ``pad_id`` default to those of :class:`stepdiff.text.Tokenizer`.
+    ``vocab_size``, ``max_len`` and ``pad_id`` default to those of {class}`stepdiff.text.Tokenizer`.
     """
 
     image_size: int = 32  # H = W of the images
@@ -110,7 +110,7 @@ class CLIPConfig:
 
     @classmethod
     def preset(cls, name: str, **changes) -> CLIPConfig:
-        """A named configuration (:data:`CLIP_PRESETS`) with fields replaced by ``changes``."""
+        """A named configuration ({data}`CLIP_PRESETS`) with fields replaced by ``changes``."""
         if name not in CLIP_PRESETS:
             raise ValueError(f"unknown CLIP preset {name!r}; choose one of {sorted(CLIP_PRESETS)}")
         known = {f.name for f in fields(cls)}
@@ -130,7 +130,8 @@ CLIP_PRESETS: dict[str, CLIPConfig] = {
 
 
 class ImageTower(nn.Module):
-    """Images ``[B, C, H, W]`` to features ``[B, E]`` (not normalised): CNN stages, flatten, project."""
+    r"""Images ``[B, C, H, W]`` to features ``[B, E]`` (not normalised):
+    $f(x) = W\,\mathrm{flatten}(\mathrm{CNN}(x)) + b$, the CNN's stages each ending in a 2x2 average pool."""
 
     def __init__(self, config: CLIPConfig) -> None:
         super().__init__()
@@ -151,8 +152,10 @@ class ImageTower(nn.Module):
 
 
 class TextTower(nn.Module):
-    """Token ids ``[B, L]`` to features ``[B, E]`` (not normalised); :meth:`tokens` gives the
-    per-token context ``[B, L, text_dim]`` and its mask."""
+    r"""Token ids ``[B, L]`` to features ``[B, E]`` (not normalised): $g(c) = W h_n$ (``pool="eos"``, the
+    last real token $n$) or $g(c) = W\frac1n\sum_{i\le n} h_i$ (``pool="mean"``), with $h_i$ the text
+    transformer's output at token $i$. {meth}`tokens` gives the per-token context ``[B, L, text_dim]``
+    and its mask."""
 
     def __init__(self, config: CLIPConfig) -> None:
         super().__init__()
@@ -180,13 +183,13 @@ class TextTower(nn.Module):
 class CLIP(nn.Module):
     r"""The two towers and the learned temperature; see the module docstring.
 
-    - :meth:`encode_image` ``[B, C, H, W] -> [B, E]`` and :meth:`encode_text` ``[B, L] -> [B, E]``:
+    - {meth}`encode_image` ``[B, C, H, W] -> [B, E]`` and {meth}`encode_text` ``[B, L] -> [B, E]``:
       unit vectors.
     - ``forward(images, ids)``: the logits ``[B, B]``, $\ell_{ij} = e^s u_i^\top v_j$ (row $i$ an
       image, column $j$ a caption).
-    - :meth:`loss`: :func:`contrastive_loss` of those logits.
-    - ``text_encoder``: the text tower's transformer (a :class:`~stepdiff.models.text.TextEncoder`),
-      ready to be the frozen encoder of a :class:`~stepdiff.models.text.TextConditioned` denoiser.
+    - {meth}`loss`: {func}`contrastive_loss` of those logits.
+    - ``text_encoder``: the text tower's transformer (a {class}`~stepdiff.models.text.TextEncoder`),
+      ready to be the frozen encoder of a {class}`~stepdiff.models.text.TextConditioned` denoiser.
     """
 
     def __init__(self, config: CLIPConfig | None = None, **kwargs) -> None:
@@ -241,8 +244,10 @@ class CLIP(nn.Module):
 
 
 def contrastive_loss(logits: Tensor) -> Tensor:
-    r"""The symmetric InfoNCE loss of the module docstring for logits ``[B, B]`` whose diagonal
-    holds the matching pairs: the mean of the row-wise and the column-wise cross-entropies."""
+    r"""The symmetric InfoNCE loss for logits ``[B, B]`` whose diagonal holds the matching pairs: the
+    mean of the row-wise and the column-wise cross-entropies,
+    $\mathcal L = \frac1{2B}\sum_i\Big[-\log\frac{e^{\ell_{ii}}}{\sum_j e^{\ell_{ij}}}
+    - \log\frac{e^{\ell_{ii}}}{\sum_j e^{\ell_{ji}}}\Big]$."""
     if not isinstance(logits, Tensor) or logits.ndim != 2 or logits.shape[0] != logits.shape[1] or logits.shape[0] < 1:
         shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
         raise ValueError(f"logits must be a square [B, B] tensor (images x captions); got {shape}")
@@ -252,8 +257,9 @@ def contrastive_loss(logits: Tensor) -> Tensor:
 
 
 def clip_loss(model: CLIP, images: Tensor, ids: Tensor | None, generator: torch.Generator | None = None) -> Tensor:
-    """:meth:`CLIP.loss` in the shape of :func:`stepdiff.train.train`'s ``loss_fn(model, x0, y, generator)``:
-    ``x0`` the images, ``y`` their token rows (the generator is not used)."""
+    r"""{func}`contrastive_loss` of $\ell_{ij} = e^s u_i^\top v_j$ for a batch of images ``x0`` and their
+    token rows ``y``, in the shape of {func}`stepdiff.train.train`'s ``loss_fn(model, x0, y, generator)``
+    (the generator is not used)."""
     if ids is None:
         raise ValueError("the CLIP loss needs captions: pass the token rows as labels")
     return model.loss(images, ids)

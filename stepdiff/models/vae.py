@@ -27,16 +27,16 @@ $\mathrm{KL}(q_\phi(z\mid x)\,\|\,p_\theta(z\mid x))$.
     $P(x_d\mid z) = \Phi\big(\tfrac{x_d + \Delta/2 - m_d}{\sigma_d}\big)
     - \Phi\big(\tfrac{x_d - \Delta/2 - m_d}{\sigma_d}\big)$.
     These are probabilities of the discrete data, so $-\mathcal L/(D\ln 2)$ is an upper bound
-    on the data's code length in **bits per dimension** (:meth:`VAE.bits_per_dim`).
+    on the data's code length in **bits per dimension** ({meth}`VAE.bits_per_dim`).
   - ``"gaussian"``: the continuous density $\mathcal N(x; m_\theta(z), \sigma^2 I)$ (the
     linear-Gaussian model of the tests, where everything has a closed form). A density is not a
     probability of discrete data: its "bits per dimension" only bound the discrete data's after
-    uniform dequantisation (:func:`bits_per_dim` with ``bin_width``).
+    uniform dequantisation ({func}`bits_per_dim` with ``bin_width``).
 
 Encoder and decoder are MLPs on the flattened image with widths ``hidden`` (SiLU between
-layers); ``hidden=()`` makes both linear. :meth:`VAE.log_weights` gives the importance weights
+layers); ``hidden=()`` makes both linear. {meth}`VAE.log_weights` gives the importance weights
 $\log p_\theta(x\mid z) + \log p(z) - \log q_\phi(z\mid x)$ whose mean is the ELBO and whose
-log-mean-exp is the importance-weighted bound of Burda et al. 2016 (:meth:`VAE.iwae_bound`).
+log-mean-exp is the importance-weighted bound of Burda et al. 2016 ({meth}`VAE.iwae_bound`).
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ _LOG_2PI = math.log(2 * math.pi)
 
 @dataclass
 class VAEConfig:
-    """Sizes of a :class:`VAE` (the defaults suit scikit-learn's 8x8 digits, 17 levels)."""
+    """Sizes of a {class}`VAE` (the defaults suit scikit-learn's 8x8 digits, 17 levels)."""
 
     in_channels: int = 1
     image_size: int = 8
@@ -173,14 +173,14 @@ def _mlp(widths: list[int]) -> nn.Sequential:
 
 
 class VAE(nn.Module):
-    r"""The VAE of the module docstring; sizes in :class:`VAEConfig`.
+    r"""The VAE of the module docstring; sizes in {class}`VAEConfig`.
 
-    - :meth:`encode` ``x -> (mean, logvar)`` of $q(z\mid x)$, each ``[B, k]``;
-    - :meth:`reparameterise` $z = \mu + e^{\ell/2}\varepsilon$;
-    - :meth:`decode` ``z -> `` the decoder mean $m_\theta(z)$ as images ``[..., C, H, W]``;
-    - :meth:`log_likelihood` $\log p_\theta(x\mid z)$ per image;
-    - :meth:`elbo` the two terms, :meth:`bits_per_dim`, :meth:`log_weights`, :meth:`iwae_bound`;
-    - :meth:`sample` images from the prior (the decoder mean).
+    - {meth}`encode` ``x -> (mean, logvar)`` of $q(z\mid x)$, each ``[B, k]``;
+    - {meth}`reparameterise` $z = \mu + e^{\ell/2}\varepsilon$;
+    - {meth}`decode` ``z -> `` the decoder mean $m_\theta(z)$ as images ``[..., C, H, W]``;
+    - {meth}`log_likelihood` $\log p_\theta(x\mid z)$ per image;
+    - {meth}`elbo` the two terms, {meth}`bits_per_dim`, {meth}`log_weights`, {meth}`iwae_bound`;
+    - {meth}`sample` images from the prior (the decoder mean).
     """
 
     def __init__(self, config: VAEConfig | None = None, **kwargs) -> None:
@@ -262,7 +262,7 @@ class VAE(nn.Module):
 
     def bits_per_dim(self, x: Tensor, *, samples: int = 1, generator: torch.Generator | None = None) -> Tensor:
         r"""$-\mathcal L(x)/(D\ln 2)$ per image: an upper bound on the bits per dimension of the
-        discrete data (discretised likelihood only; see :func:`bits_per_dim` for a density)."""
+        discrete data (discretised likelihood only; see {func}`bits_per_dim` for a density)."""
         if self.config.likelihood != "discretised":
             raise ValueError("bits per dimension of the data need likelihood='discretised' (a Gaussian density "
                              "is no probability of discrete data); use bits_per_dim(elbo, dims, bin_width) instead")
@@ -306,7 +306,7 @@ class VAE(nn.Module):
 
 def vae_loss(model: VAE, x0: Tensor, y: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
     r"""$-\mathcal L$ in nats per dimension, averaged over the batch (one reparameterised draw per
-    image), in the shape of :func:`stepdiff.train.train`'s ``loss_fn(model, x0, y, generator)``."""
+    image), in the shape of {func}`stepdiff.train.train`'s ``loss_fn(model, x0, y, generator)``."""
     if y is not None:
         raise ValueError("the VAE is unconditional: train it without labels")
     terms = model.elbo(x0, generator=generator)
