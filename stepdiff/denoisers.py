@@ -213,7 +213,20 @@ class ExactDenoiser:
 
 
 def exact_denoiser(target: GaussianMixture, schedule: Schedule) -> ExactDenoiser:
-    r"""$D(x, t) = \mathbb E[x_0\mid x_t = x]$ for ``target`` under ``schedule`` (see :class:`ExactDenoiser`)."""
+    r"""$D(x, t) = \mathbb E[x_0\mid x_t = x]$ for ``target`` under ``schedule`` (see {class}`ExactDenoiser`).
+
+    For a standard normal target and $\sigma(t) = 1$ the posterior mean shrinks $x$ by half,
+    $D(x, t) = x / (1 + \sigma^2)$:
+
+    ```python
+    >>> import torch
+    >>> from stepdiff.schedules import VESchedule
+    >>> D = exact_denoiser(isotropic_gaussian(torch.zeros(2), std=1.0), VESchedule(sigma_q=2.0))
+    >>> D(torch.tensor([[2.0, -2.0]]), torch.tensor(0.25))
+    tensor([[ 1., -1.]])
+
+    ```
+    """
     return ExactDenoiser(target, schedule)
 
 

@@ -1,8 +1,8 @@
 r"""The forward (noising) process: from data to noise, in one jump or step by step.
 
-In one jump, $x_t = \alpha(t)\,x_0 + \sigma(t)\,\varepsilon$ (:func:`add_noise`), which is how
+In one jump, $x_t = \alpha(t)\,x_0 + \sigma(t)\,\varepsilon$ ({func}`add_noise`), which is how
 training draws $x_t$ without simulating the steps before it. Step by step, the same
-marginals come from the Markov chain (:func:`transition`)
+marginals come from the Markov chain ({func}`transition`)
 
 $$x_s = \frac{\alpha_s}{\alpha_t} x_t + \sqrt{\sigma_s^2 - \frac{\alpha_s^2}{\alpha_t^2}\sigma_t^2}\;\eta,
 \qquad s > t,\ \eta\sim\mathcal N(0, I),$$
@@ -46,9 +46,22 @@ def add_noise(
     r"""Draw $x_t = \alpha(t)x_0 + \sigma(t)\varepsilon$ and the regression target for ``prediction``.
 
     ``t`` is a scalar or per-sample ``[B]``. Returns ``(x_t, target)`` where the target is
-    $A x_0 + B\varepsilon$ with the coefficients of :func:`stepdiff.parametrize.target_coefficients`
+    $A x_0 + B\varepsilon$ with the coefficients of {func}`stepdiff.parametrize.target_coefficients`
     (``"eps"``: the noise; ``"x0"``: the clean sample; ``"v"``; ``"velocity"``: $dx_t/dt$).
     On CUDA this is one fused kernel that draws $\varepsilon$ itself.
+
+    On the tutorial's process ($\alpha = 1$, $\sigma(t) = \sigma_q\sqrt t$, so $\sigma(0.25) = 1$
+    for $\sigma_q = 2$), with the noise given:
+
+    ```python
+    >>> import torch
+    >>> from stepdiff.schedules import VESchedule
+    >>> x0, eps = torch.tensor([[1.0, -2.0]]), torch.tensor([[0.5, 0.5]])
+    >>> x_t, target = add_noise(x0, 0.25, VESchedule(sigma_q=2.0), noise=eps)
+    >>> x_t, target  # x0 + 1 * eps, and the "eps" target is the noise
+    (tensor([[ 1.5000, -1.5000]]), tensor([[0.5000, 0.5000]]))
+
+    ```
     """
     t = _per_sample_time(t, x0)
     A, B = target_coefficients(schedule, t, prediction)

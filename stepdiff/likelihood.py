@@ -2,7 +2,7 @@ r"""Exact log-likelihoods through the probability-flow ODE (the instantaneous ch
 
 A deterministic sampler integrates the probability-flow ODE $dx/dt = u_t(x)$, with
 $u_t = \dot\alpha\,\hat x_0 + \dot\sigma\,\hat\varepsilon$ the velocity of the model's prediction
-(:mod:`stepdiff.parametrize`), whose solutions carry the marginals $p_t$ of the forward process.
+({mod}`stepdiff.parametrize`), whose solutions carry the marginals $p_t$ of the forward process.
 Along a solution the log-density changes by minus the divergence of the field: the continuity
 equation $\partial_t p_t + \nabla\cdot(p_t u_t) = 0$ gives
 $\frac{d}{dt}\log p_t(x_t) = \partial_t\log p_t + u_t\cdot\nabla\log p_t = -\nabla\cdot u_t(x_t)$
@@ -16,11 +16,11 @@ and of the prior $\log p_{t_n}$. The prior is known in closed form only for spec
 default it is $\mathcal N(0, \sigma(t_n)^2 I)$, the law the samplers start from (exact when
 $\alpha(t_n) = 0$, e.g. flow matching at $t = 1$).
 
-- :func:`divergence`: $u(x)$ and $\nabla\cdot u(x)$ per sample, either exactly by autograd ($D$
+- {func}`divergence`: $u(x)$ and $\nabla\cdot u(x)$ per sample, either exactly by autograd ($D$
   backward passes for $D$ entries per sample), or by Hutchinson's estimator
   $\nabla\cdot u \approx \frac1K\sum_k z_k^\top\,\frac{\partial u}{\partial x}\,z_k$ with
   $\mathbb E[zz^\top] = I$ (one backward pass per probe; Grathwohl et al. 2019), unbiased.
-- :func:`ode_log_likelihood`: the classical fourth-order Runge-Kutta method on the augmented
+- {func}`ode_log_likelihood`: the classical fourth-order Runge-Kutta method on the augmented
   state $\big(x,\ \int\nabla\cdot u\,dt\big)$ over a given increasing time grid. With Hutchinson's
   estimator the probes are drawn once per sample and kept for the whole path: the trajectory
   does not depend on them, and the quadrature is linear in the divergence, so the estimate of
@@ -28,7 +28,7 @@ $\alpha(t_n) = 0$, e.g. flow matching at $t = 1$).
 
 Both need a model that is differentiable in $x$ and treats the samples of a batch
 independently (an MLP, or ``lambda x, t: mixture.denoise(x, t, schedule)``; note that
-:class:`~stepdiff.denoisers.ExactDenoiser` detaches its input, so it cannot be used here).
+{class}`~stepdiff.denoisers.ExactDenoiser` detaches its input, so it cannot be used here).
 Times must avoid points where the conversion to a velocity is singular: for an $x_0$- or
 $\varepsilon$-prediction that is $\sigma(t) = 0$, so start the grid at a small $t_0 > 0$; the
 result is then $\log p_{t_0}(x)$, which differs from $\log p_0(x)$ for a smooth density by terms
@@ -106,7 +106,7 @@ def divergence(
 
 @dataclass
 class LikelihoodResult:
-    r"""What :func:`ode_log_likelihood` returns, per sample (all ``[B]`` but ``x_T``).
+    r"""What {func}`ode_log_likelihood` returns, per sample (all ``[B]`` but ``x_T``).
 
     ``log_prob`` $= \log p_{t_0}(x)$ $=$ ``prior_log_prob`` $+$ ``delta``, where
     ``delta`` $= \int_{t_0}^{t_n}\nabla\cdot u_t(x_t)\,dt$ and ``x_T`` $= x_{t_n}$ is where the
@@ -156,7 +156,7 @@ def ode_log_likelihood(
 
     ``model(x, t)`` returns a ``prediction`` (``"x0"``, ``"eps"``, ``"v"``, ``"score"`` or
     ``"velocity"``) for ``x`` ``[B, ...]`` at times ``t`` ``[B]``; it is turned into the velocity
-    $u_t$ with :func:`~stepdiff.parametrize.convert`. ``ts``: an increasing grid
+    $u_t$ with {func}`~stepdiff.parametrize.convert`. ``ts``: an increasing grid
     $t_0 < t_1 < \dots < t_n$ in $[0, 1]$; ``x`` is taken to be a point at time $t_0$. Each step
     $h = t_{i+1} - t_i$ is one classical Runge-Kutta step (four velocity and divergence
     evaluations; global error $O(h^4)$) for
@@ -166,7 +166,7 @@ def ode_log_likelihood(
     and the result is $\log p_{t_0}(x) = \log p_{t_n}(x_{t_n}) + \ell(t_n)$ with $\log p_{t_n}$ =
     ``prior_log_prob`` (a function of ``[B, ...]`` returning ``[B]``), by default that of
     $\mathcal N(0, \sigma(t_n)^2 I)$. ``method``: ``"exact"`` or ``"hutchinson"`` divergence (see
-    :func:`divergence`), the latter with ``n_probes`` probes per sample, ``"rademacher"`` ($\pm1$)
+    {func}`divergence`), the latter with ``n_probes`` probes per sample, ``"rademacher"`` ($\pm1$)
     or ``"gaussian"``, drawn once from ``generator``. The arithmetic follows the dtype of ``x``
     (use float64 for likelihoods to many digits).
     """

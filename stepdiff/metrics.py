@@ -1,8 +1,8 @@
 r"""Distances between two samples, used by the tests and the chapters to say "close to the data".
 
-- :func:`mmd`: the squared maximum mean discrepancy with a Gaussian (RBF) kernel.
-- :func:`sliced_wasserstein`: the sliced 2-Wasserstein (or 1-Wasserstein) distance.
-- :func:`mode_weights`: the fraction of samples nearest each mode of a mixture.
+- {func}`mmd`: the squared maximum mean discrepancy with a Gaussian (RBF) kernel.
+- {func}`sliced_wasserstein`: the sliced 2-Wasserstein (or 1-Wasserstein) distance.
+- {func}`mode_weights`: the fraction of samples nearest each mode of a mixture.
 
 Samples are tensors ``[n, ...]``; everything after the first axis is flattened, so images
 ``[n, C, H, W]`` work as points of $\mathbb R^{CHW}$. The arithmetic is in float64 on the device
@@ -69,7 +69,7 @@ def mmd(x: Tensor, y: Tensor, bandwidth: float | Tensor | None = None, *, unbias
     r"""The squared maximum mean discrepancy $\mathrm{MMD}^2(x, y)$ with a Gaussian kernel.
 
     Kernel $k(a, b) = \exp\!\big(-\|a - b\|^2 / (2h^2)\big)$, with bandwidth $h$ = ``bandwidth``
-    or, by default, the median heuristic :func:`median_bandwidth` on the pooled sample.
+    or, by default, the median heuristic {func}`median_bandwidth` on the pooled sample.
     With $K^{xx}_{ij} = k(x_i, x_j)$ and so on, the default (biased, V-statistic) estimate is
 
     $$\widehat{\mathrm{MMD}}{}^2_b = \frac1{n^2}\sum_{i,j}K^{xx}_{ij}
@@ -183,6 +183,14 @@ def mode_weights(samples: Tensor, centers: Tensor, *, max_distance: float | None
     ``means``). With ``max_distance`` a sample farther than that from every centre counts
     for no mode, so the weights sum to the fraction of samples near some mode (a sampler
     that leaves mass between the modes shows up as a sum below 1). Returns float64 ``[K]``.
+
+    ```python
+    >>> mode_weights(torch.tensor([[0.1], [0.9], [1.2]]), torch.tensor([[0.0], [1.0]]))
+    tensor([0.3333, 0.6667], dtype=torch.float64)
+    >>> mode_weights(torch.tensor([[0.1], [0.5], [1.2]]), torch.tensor([[0.0], [1.0]]), max_distance=0.3)
+    tensor([0.3333, 0.3333], dtype=torch.float64)
+
+    ```
     """
     x, c = _flat_pair(samples, centers, ("samples", "centers"), min_n=1)
     d2 = _sq_dists(x, c)

@@ -1,6 +1,6 @@
 r"""What a network predicts: $x_0$, $\varepsilon$, $v$, the score, or the velocity.
 
-On a Gaussian path $x_t = \alpha x_0 + \sigma\varepsilon$ (see :mod:`stepdiff.schedules`) every
+On a Gaussian path $x_t = \alpha x_0 + \sigma\varepsilon$ (see {mod}`stepdiff.schedules`) every
 common prediction target is a fixed linear combination of $x_0$ and $\varepsilon$:
 
 | name | target | $(A, B)$ in $A x_0 + B\varepsilon$ |
@@ -95,6 +95,21 @@ def convert(
 
     ``t`` is a scalar or a per-sample tensor of shape ``[B]``. The arithmetic is done in
     float64 for the coefficients and in the dtype of ``pred`` for the tensors.
+
+    On the tutorial's process at $\sigma(t) = 1$, the clean sample from a noise prediction is
+    $\hat x_0 = x_t - \sigma\hat\varepsilon$, and converting there and back is the identity:
+
+    ```python
+    >>> import torch
+    >>> from stepdiff.schedules import VESchedule
+    >>> ve, x = VESchedule(sigma_q=2.0), torch.tensor([[1.0, 0.5]])
+    >>> eps = torch.tensor([[0.2, -0.4]])
+    >>> convert(eps, x, 0.25, ve, "eps", "x0")
+    tensor([[0.8000, 0.9000]])
+    >>> convert(convert(eps, x, 0.25, ve, "eps", "v"), x, 0.25, ve, "v", "eps")
+    tensor([[ 0.2000, -0.4000]])
+
+    ```
     """
     if pred.shape != x.shape:
         raise ValueError(f"pred and x must have the same shape; got {tuple(pred.shape)} and {tuple(x.shape)}")
