@@ -4,6 +4,7 @@ layer they share and a small text encoder."""
 from .attention import Attention
 from .autoencoder import AE_PRESETS, Autoencoder, AutoencoderConfig, psnr
 from .clip import CLIP, CLIPConfig, clip_score, contrastive_loss, retrieval_accuracy
+from .controlnet import ControlNet, ControlNetConfig
 from .dit import DIT_PRESETS, DiT, DiTConfig
 from .mlp import MLP, MLPConfig
 from .text import TextConditioned, TextEncoder
@@ -34,4 +35,6 @@ __all__ = [
     "AutoencoderConfig",
     "AE_PRESETS",
     "psnr",
+    "ControlNet",
+    "ControlNetConfig",
 ]
