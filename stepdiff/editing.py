@@ -2,10 +2,10 @@ r"""Editing with a trained denoiser: SDEdit and inpainting (replacement, RePaint
 
 Both reuse a model trained only to denoise, and both rest on one fact: the forward process is
 known, so any image can be put on the path at any time $t$ by
-$x_t = \alpha(t)\,x_0 + \sigma(t)\,\varepsilon$ (:func:`stepdiff.forward.add_noise`).
+$x_t = \alpha(t)\,x_0 + \sigma(t)\,\varepsilon$ ({func}`stepdiff.forward.add_noise`).
 
 **SDEdit** (Meng et al. 2022). Noise the input $x$ to a strength $s \in [0, 1]$ and run any
-sampler of :mod:`stepdiff.samplers` from $t = s$ down to 0:
+sampler of {mod}`stepdiff.samplers` from $t = s$ down to 0:
 
 $$x_s = \alpha(s)\,x + \sigma(s)\,\varepsilon,\qquad \hat x = \mathrm{Sampler}(x_s;\ s = t_0 > t_1 > \dots > t_n = 0).$$
 
@@ -13,10 +13,10 @@ At $s = 0$ the input comes back unchanged; as $s$ grows the output forgets more 
 and looks more like a sample of the model, and at $s = 1$ on a schedule with $\alpha(1) = 0$
 it is an ordinary sample from the same noise. With the exact denoiser and a stochastic
 sampler the reverse run draws from $p(x_0\mid x_s)$, so if $x$ is a sample of the data the
-output is one too, at every $s$ (:func:`sdedit`).
+output is one too, at every $s$ ({func}`sdedit`).
 
 **Inpainting.** A mask $m$ (1 on the known pixels) and a known image $x^{\rm known}$; fill the
-rest. :func:`inpaint` runs a reverse sampler and, after every step to a time $s$, replaces the
+rest. {func}`inpaint` runs a reverse sampler and, after every step to a time $s$, replaces the
 known region by the known image noised to $s$ (the "replacement" method of Song et al. 2021):
 
 $$x_s \leftarrow m\odot\big(\alpha(s)\,x^{\rm known} + \sigma(s)\,\varepsilon'\big) + (1 - m)\odot x_s.$$
@@ -25,13 +25,13 @@ The unknown region then only sees the known one through the denoiser, one step a
 is never told that the two must agree, so the fill is less coherent than the true conditional.
 RePaint (Lugmayr et al. 2022, Algorithm 1) *resamples*: after a stretch of ``jump`` reverse
 steps it goes back up by re-noising the whole image with the forward transitions
-(:func:`stepdiff.forward.transition`) and comes down again, ``resample`` times in all, which lets
-the two regions harmonise (:func:`repaint_levels` gives the walk).
+({func}`stepdiff.forward.transition`) and comes down again, ``resample`` times in all, which lets
+the two regions harmonise ({func}`repaint_levels` gives the walk).
 
-The third way trains the model with the mask as input: :class:`MaskedInputDenoiser` concatenates
+The third way trains the model with the mask as input: {class}`MaskedInputDenoiser` concatenates
 the mask and the masked image to $x_t$ as extra channels (as Stable Diffusion's inpainting
-model does), trained by :func:`masked_diffusion_loss` on random masks (:func:`random_box_masks`),
-and sampled by :func:`inpaint_with_model`. Every method returns the known region exactly.
+model does), trained by {func}`masked_diffusion_loss` on random masks ({func}`random_box_masks`),
+and sampled by {func}`inpaint_with_model`. Every method returns the known region exactly.
 """
 
 from __future__ import annotations
@@ -101,9 +101,9 @@ def check_strength(strength: float | Tensor) -> float:
 
 
 def check_mask(mask: Tensor, x: Tensor, name: str = "mask") -> Tensor:
-    r"""Check an inpainting mask against the images ``x`` ``[B, ...]`` and return it as a bool tensor.
+    r"""Check an inpainting mask against the images ``x`` ``[B, ...]`` and return it as a bool tensor $m$.
 
-    ``True`` (or 1) marks a **known** entry, kept; ``False`` (0) an entry to fill. The mask has the
+    $m = 1$ (``True``) marks a **known** entry, kept; $m = 0$ (``False``) an entry to fill. The mask has the
     number of dimensions of ``x``, and each of its sizes equals that of ``x`` or is 1 (broadcast:
     ``[B, 1, H, W]`` for every channel of a pixel, ``[1, 1, H, W]`` for the whole batch). Its
     dtype is ``bool``, or an integer or floating dtype holding only 0 and 1; anything else
@@ -165,7 +165,7 @@ def sdedit(
     r"""SDEdit (Meng et al. 2022): noise ``x`` to time $s$ = ``strength``, then denoise from $t = s$.
 
     $x_s = \alpha(s)\,x + \sigma(s)\,\varepsilon$ with $\varepsilon$ = ``noise`` (or drawn from
-    ``generator``), then ``sampler`` (a name in :data:`stepdiff.samplers.SAMPLERS` or a function
+    ``generator``), then ``sampler`` (a name in {data}`stepdiff.samplers.SAMPLERS` or a function
     ``f(model, x, schedule, ts, prediction=..., **kw)``) runs over the grid
     ``time_grid(n_steps, spacing, schedule, t_max=s)``, which falls from $s$ to 0. A stochastic
     sampler gets the same ``generator`` (after the noising draw) unless ``sampler_kwargs``
@@ -258,21 +258,21 @@ def inpaint(
     r"""Fill the entries where ``mask`` is ``False`` so that the result agrees with ``x_known`` where it is ``True``.
 
     RePaint's loop (Lugmayr et al. 2022, Algorithm 1) over the grid ``ts`` ($t_0 > \dots > t_n = 0$)
-    and the walk of :func:`repaint_levels` (``jump``, ``resample``):
+    and the walk of {func}`repaint_levels` (``jump``, ``resample``):
 
     1. start from $x = m\odot(\alpha(t_0)x^{\rm known} + \sigma(t_0)\varepsilon') + (1-m)\odot\sigma(t_0)z$,
        $z$ = ``noise`` (the unknown part starts as the samplers' pure noise);
     2. a step down from $t$ to $s$: one DDIM step with stochasticity ``eta``
-       (:func:`stepdiff.samplers.ddim_coefficients`; $\eta = 1$ is DDPM's ancestral step, RePaint's
+       ({func}`stepdiff.samplers.ddim_coefficients`; $\eta = 1$ is DDPM's ancestral step, RePaint's
        choice), then the known region is replaced by $\alpha(s)x^{\rm known} + \sigma(s)\varepsilon'$
        with fresh $\varepsilon'$, and by $x^{\rm known}$ itself at $s = 0$;
     3. a step up from $t$ to $s > t$ (resampling): the forward transition
        $x_s = \frac{\alpha_s}{\alpha_t}x_t + \sqrt{\sigma_s^2 - \frac{\alpha_s^2}{\alpha_t^2}\sigma_t^2}\,\eta$
-       of the whole image (:func:`stepdiff.forward.transition`).
+       of the whole image ({func}`stepdiff.forward.transition`).
 
     ``resample = 1`` is the plain replacement method. The known region of the result is
     ``x_known`` bit for bit; at every step down it is the noised known image, whatever the
-    model returns. ``mask``: see :func:`check_mask` (``True`` = known). ``x_known``: ``[B, ...]``
+    model returns. ``mask``: see {func}`check_mask` (``True`` = known). ``x_known``: ``[B, ...]``
     (its unknown entries are never read). All randomness comes from ``generator``.
     ``return_trajectory``: also the states after every step, stacked ``[steps + 1, B, ...]``.
     """
@@ -331,7 +331,7 @@ class MaskedInputDenoiser(nn.Module):
 
     ``forward(x, t, y=None, context=None, context_mask=None, *, known, mask)``: ``x`` ``[B, C, H, W]``,
     ``known`` like ``x`` (only its entries under the mask are read), ``mask`` as in
-    :func:`check_mask` with one channel or $C$ (``True`` = known). :meth:`bind` closes over a
+    {func}`check_mask` with one channel or $C$ (``True`` = known). {meth}`bind` closes over a
     known image and mask so that a sampler can call ``model(x, t)``.
     """
 
@@ -389,8 +389,9 @@ def random_box_masks(
 ) -> Tensor:
     r"""Masks ``[B, 1, H, W]`` (bool, ``True`` = known) with one unknown axis-aligned box each.
 
-    The box's sides are drawn uniformly in [``min_frac``, ``max_frac``] of the image's, its
-    position uniformly among those that fit.
+    The box's height is $h = \mathrm{round}(H u)$ with $u \sim U[f_{\min}, f_{\max}]$ (``min_frac``,
+    ``max_frac``), its width likewise, and its top-left corner uniform among the
+    $(H - h + 1)(W - w + 1)$ positions that fit.
     """
     if not 0 < min_frac <= max_frac <= 1:
         raise ValueError(f"need 0 < min_frac <= max_frac <= 1; got {min_frac}, {max_frac}")
@@ -420,12 +421,12 @@ def masked_diffusion_loss(
     t_min: float = 0.0,
     t_max: float = 1.0,
 ) -> Tensor:
-    r"""The denoising loss of a :class:`MaskedInputDenoiser`, on random masks.
+    r"""The denoising loss of a {class}`MaskedInputDenoiser`, on random masks.
 
     $$L = \mathbb E\big[\tfrac1D\|f_\theta([x_t, m\odot x_0, m], t) - (A_tx_0 + B_t\varepsilon)\|^2\big],$$
 
-    the regression of :func:`stepdiff.train.diffusion_loss` with the model given the known part
-    of its own clean image. ``mask`` ``[B, 1, H, W]``: by default :func:`random_box_masks`, with a
+    the regression of {func}`stepdiff.train.diffusion_loss` with the model given the known part
+    of its own clean image. ``mask`` ``[B, 1, H, W]``: by default {func}`random_box_masks`, with a
     fraction ``empty_fraction`` of the batch entirely unknown (so the model also learns to
     generate with nothing known). Returns a scalar; train it with ``train(model, images,
     loss_fn=lambda m, x, y, g: masked_diffusion_loss(m, x, schedule, y=y, generator=g))``.
@@ -464,9 +465,9 @@ def inpaint_with_model(
     generator: torch.Generator | int | None = None,
     **sampler_kwargs,
 ) -> Tensor:
-    r"""Inpaint with a :class:`MaskedInputDenoiser`: sample from noise with the model told the
+    r"""Inpaint with a {class}`MaskedInputDenoiser`: sample from noise with the model told the
     known image and the mask, then paste the known region back, $\hat x \leftarrow m\odot x^{\rm known}
-    + (1 - m)\odot\hat x$ (so it is exact). ``sampler`` as in :func:`sdedit`; the start is
+    + (1 - m)\odot\hat x$ (so it is exact). ``sampler`` as in {func}`sdedit`; the start is
     $\sigma(t_0)z$, $z$ = ``noise``."""
     _check_batch(x_known, "x_known")
     m = check_mask(mask, x_known)

@@ -98,7 +98,6 @@ MODULES_WITHOUT_FORMULAS = {
 PENDING = {
     "stepdiff.classifiers": "formulas; RST roles",
     "stepdiff.data": "RST roles",
-    "stepdiff.editing": "formulas; RST roles",
     "stepdiff.evaluation": "formulas; RST roles",
     "stepdiff.guidance": "RST roles",
     "stepdiff.image_data": "RST roles",

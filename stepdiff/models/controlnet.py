@@ -1,6 +1,6 @@
 r"""ControlNet (Zhang, Rao & Agrawala 2023): spatial control added to a frozen UNet.
 
-A trained denoiser $\epsilon_\theta$ (here a :class:`~stepdiff.models.unet.UNet`) is kept
+A trained denoiser $\epsilon_\theta$ (here a {class}`~stepdiff.models.unet.UNet`) is kept
 **frozen**: its parameters have ``requires_grad = False`` and no optimiser changes them. Beside it
 sits a **trainable copy** of its encoder (the time and class embeddings, the input convolution,
 the way down and the middle), initialised with the base's own weights, which also reads a
@@ -23,12 +23,12 @@ gradient is the base's gradient times the copy's features, not zero), then the c
 the copy starts as the trained encoder, it starts from features that already mean something,
 which is why ControlNet learns from few examples without harming the base.
 
-:class:`ControlNet` is called like every denoiser of the package with one more keyword,
-``model(x, t, y=None, context=None, context_mask=None, *, control)``; :meth:`ControlNet.bind`
-fixes the control map for a sampler. :func:`controlnet_loss` is the diffusion loss with the
-control map given, and :func:`packed_loss_fn` the same for :func:`stepdiff.train.train` when the
-data carry their control maps as extra channels. :func:`object_mask_from_image` and
-:func:`mask_iou` measure whether a generated "shapes" image follows a mask.
+{class}`ControlNet` is called like every denoiser of the package with one more keyword,
+``model(x, t, y=None, context=None, context_mask=None, *, control)``; {meth}`ControlNet.bind`
+fixes the control map for a sampler. {func}`controlnet_loss` is the diffusion loss with the
+control map given, and {func}`packed_loss_fn` the same for {func}`stepdiff.train.train` when the
+data carry their control maps as extra channels. {func}`object_mask_from_image` and
+{func}`mask_iou` measure whether a generated "shapes" image follows a mask.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ __all__ = ["ControlNetConfig", "HintEncoder", "ControlNet", "controlnet_loss", "
 
 @dataclass
 class ControlNetConfig:
-    """Sizes of the parts a :class:`ControlNet` adds to its base UNet."""
+    """Sizes of the parts a {class}`ControlNet` adds to its base UNet."""
 
     hint_channels: int = 1  # channels of the control map (1 for an edge map or a mask)
     hint_widths: tuple[int, ...] = (16, 32)  # widths of the hint encoder's 3x3 convolutions
@@ -86,18 +86,19 @@ class HintEncoder(nn.Module):
 
 
 class ControlNet(nn.Module):
-    r"""A frozen :class:`~stepdiff.models.unet.UNet` with a trainable, zero-joined copy of its encoder
-    (see the module docstring).
+    r"""A frozen {class}`~stepdiff.models.unet.UNet` with a trainable, zero-joined copy of its encoder:
+    $h_i \leftarrow h_i + s\,Z_i(h^{\rm copy}_i)$ on every skip connection and
+    $m \leftarrow m + s\,Z_{\rm mid}(m^{\rm copy})$ in the middle (see the module docstring).
 
     ``ControlNet(base, config)`` takes the base model as it is (trained, typically), freezes it in
-    place (``requires_grad_(False)``, and kept in eval mode whatever :meth:`train` is asked) and
+    place (``requires_grad_(False)``, and kept in eval mode whatever {meth}`train` is asked) and
     copies its encoder. ``forward(x, t, y=None, context=None, context_mask=None, *, control,
     scale=1.0)``: ``x``, ``t``, ``y``, ``context`` as for the base; ``control`` ``[B, hint_channels,
     H, W]`` float, the same batch and size as ``x``. Returns the base's prediction with the
     control added; equal to ``base(x, t, ...)`` bit for bit while the zero convolutions are zero
     or when ``scale = 0``. The base runs its own ``forward``, so whatever it does (fused kernels,
     memory layout) the controlled model does too; the residuals enter through hooks installed for
-    the call (:meth:`residuals` computes them).
+    the call ({meth}`residuals` computes them).
     """
 
     def __init__(self, base: UNet, config: ControlNetConfig | None = None, **kwargs) -> None:
@@ -237,7 +238,7 @@ def controlnet_loss(
     t_max: float = 1.0,
 ) -> Tensor:
     r"""The diffusion loss of the base's parametrisation with the control map given:
-    $\mathbb E\,\tfrac1D\|f(x_t, t, c) - (A_tx_0 + B_t\varepsilon)\|^2$ (:func:`stepdiff.train.diffusion_loss`).
+    $\mathbb E\,\tfrac1D\|f(x_t, t, c) - (A_tx_0 + B_t\varepsilon)\|^2$ ({func}`stepdiff.train.diffusion_loss`).
     Only the ControlNet's own parameters receive gradients."""
     from ..train import diffusion_loss
 
@@ -250,9 +251,9 @@ def controlnet_loss(
 
 def packed_loss_fn(schedule, image_channels: int, *, prediction: str = "eps", t_min: float = 0.0,
                    t_max: float = 1.0) -> Callable:
-    r"""A ``loss_fn(model, batch, y, generator)`` for :func:`stepdiff.train.train` whose data are images
-    and control maps concatenated along the channels, ``torch.cat([images, control], 1)``: the first
-    ``image_channels`` are the image, the rest the control map (:func:`controlnet_loss`)."""
+    r"""A ``loss_fn(model, batch, y, generator)`` for {func}`stepdiff.train.train` whose data are images
+    and control maps concatenated along the channels, $[x_0, c]$ = ``torch.cat([images, control], 1)``:
+    the first ``image_channels`` are $x_0$, the rest the control map $c$ ({func}`controlnet_loss`)."""
     if isinstance(image_channels, bool) or not isinstance(image_channels, int) or image_channels < 1:
         raise ValueError(f"image_channels must be a positive integer; got {image_channels!r}")
 
@@ -275,7 +276,7 @@ def packed_loss_fn(schedule, image_channels: int, *, prediction: str = "eps", t_
 def object_mask_from_image(images: Tensor, lo: float = 0.2, hi: float = 0.7) -> Tensor:
     r"""Estimate where the objects of "shapes" images ``[B, 3, H, W]`` (values in $[-1, 1]$) are.
 
-    Every background pixel of :mod:`stepdiff.shapes` has each channel in $[0.21, 0.67]$ (in
+    Every background pixel of {mod}`stepdiff.shapes` has each channel in $[0.21, 0.67]$ (in
     $[0, 1]$ units), and every object colour has a channel below 0.2 or above 0.7 (saturated
     colours, or white), so a pixel is called object when some channel leaves $[lo, hi]$. Returns a
     bool mask ``[B, 1, H, W]``. On real 32x32 scenes it agrees with the union of the true masks
