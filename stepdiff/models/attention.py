@@ -8,7 +8,9 @@ $$Q = xW_q,\quad K = yW_k,\quad V = yW_v \quad (\text{each split into } h \text{
 \mathrm{out} = \big[\mathrm{softmax}(Q_iK_i^\top/\sqrt{D})\,V_i\big]_{i=1}^h\,W_o + b_o.$$
 
 The attention itself is `stepdiff.kernels.attention`: the Triton flash-attention kernels on a
-GPU, the PyTorch reference on a CPU.
+GPU, the PyTorch reference on a CPU; or, with ``backend="sdpa"``, PyTorch's
+``F.scaled_dot_product_attention`` (what a plain PyTorch model would call: the baselines of the
+end-to-end benchmark).
 
 A context of several lengths is padded on the right to one length $L_c$ and comes with a mask
 (``True`` for a real token). The mask becomes per-row lengths $n_b$ (`context_lengths`), and the
@@ -21,9 +23,11 @@ from __future__ import annotations
 import weakref
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..kernels.attention import attention
+from .layers import check_backend
 
 __all__ = ["Attention", "context_lengths"]
 
@@ -87,13 +91,15 @@ class Attention(nn.Module):
     - ``context_dim``: width $d_c$ of the context for cross-attention (default ``dim``).
     - ``qkv_bias``: biases on the $Q, K, V$ projections (the output projection always has one).
     - ``causal``: token $i$ attends to tokens $j \le i$ only (self-attention over sequences).
-    - ``backend``: passed to `stepdiff.kernels.attention` (``None``: dispatch on the device).
+    - ``backend``: passed to `stepdiff.kernels.attention` (``None``: dispatch on the device), or
+      ``"sdpa"``: PyTorch's ``F.scaled_dot_product_attention`` with the same masks.
     """
 
     def __init__(self, dim: int, heads: int = 8, head_dim: int | None = None,
                  context_dim: int | None = None, qkv_bias: bool = False, causal: bool = False,
                  backend: str | None = None):
         super().__init__()
+        check_backend("backend", backend, attention=True)
         if head_dim is None:
             if dim % heads:
                 raise ValueError(f"dim {dim} is not divisible by heads {heads}; give head_dim")
@@ -121,9 +127,26 @@ class Attention(nn.Module):
         q = self.to_q(x).view(B, L, self.heads, self.head_dim)
         k = self.to_k(context).view(B, Lc, self.heads, self.head_dim)
         v = self.to_v(context).view(B, Lc, self.heads, self.head_dim)
-        o = attention(q, k, v, kv_lens=kv_lens, causal=self.causal, layout="blhd", backend=self.backend)
+        if self.backend == "sdpa":
+            o = _sdpa(q, k, v, kv_lens, self.causal)
+        else:
+            o = attention(q, k, v, kv_lens=kv_lens, causal=self.causal, layout="blhd", backend=self.backend)
         return self.to_out(o.reshape(B, L, self.heads * self.head_dim))
 
     def extra_repr(self) -> str:
         return f"heads={self.heads}, head_dim={self.head_dim}, causal={self.causal}"
 
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, kv_lens: Tensor | None, causal: bool) -> Tensor:
+    """``F.scaled_dot_product_attention`` on ``[B, L, H, D]`` tensors, keys ``j >= kv_lens[b]``
+    masked out; returns ``[B, L, H, D]``."""
+    Lq, Lk = q.shape[1], k.shape[1]
+    mask = None
+    if kv_lens is not None:
+        mask = (torch.arange(Lk, device=q.device)[None, :] < kv_lens[:, None])[:, None, None, :]
+    if causal and mask is not None:  # SDPA takes a mask or is_causal, not both
+        mask = mask & torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).tril()
+        causal = False
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       attn_mask=mask, is_causal=causal)
+    return o.transpose(1, 2)

@@ -21,6 +21,11 @@ zero-initialised, maps each token back to a $p\times p\times C$ patch, and the p
 back in place. The attention is the package's :class:`~stepdiff.models.attention.Attention`, so on
 CUDA it runs the Triton kernels.
 
+Each $\mathrm{LN}(x)(1 + \gamma) + \beta$ is one call of :func:`stepdiff.kernels.adaln_modulate`:
+on CUDA the fused Triton kernel (one pass over the tokens), elsewhere the PyTorch reference
+(``norm_backend`` chooses). The ``nn.LayerNorm`` modules (without parameters) stay for their
+$\epsilon$, so the state-dict keys are those of the unfused network.
+
 Presets (:data:`DIT_PRESETS`) are the paper's S and B models with patch 2 or 4; DiT-S has 33 M and
 DiT-B 130 M parameters for its 32x32x4 latents and 1000 classes.
 """
@@ -32,10 +37,11 @@ from dataclasses import dataclass, fields, replace
 import torch
 from torch import Tensor, nn
 
+from ..kernels.norm import adaln_modulate
 from .attention import Attention
-from .layers import TimestepEmbedder, batch_time, check_context, check_labels, zero_
+from .layers import TimestepEmbedder, batch_time, check_backend, check_context, check_labels, zero_
 
-__all__ = ["DiTConfig", "DiTBlock", "FinalLayer", "DiT", "DIT_PRESETS", "sincos_position_embedding"]
+__all__ = ["DiTConfig", "DiTBlock", "FinalLayer", "DiT", "DIT_PRESETS", "sincos_position_embedding", "norm_modulate"]
 
 
 @dataclass
@@ -52,9 +58,12 @@ class DiTConfig:
     freq_dim: int = 256  # sinusoidal time features fed to the time MLP
     n_classes: int = 0  # 0: no class input; else labels 0..n_classes-1 plus the null class n_classes
     context_dim: int = 0  # 0: no cross-attention; else the width D_c of the context [B, L, D_c]
-    attn_backend: str | None = None  # stepdiff.kernels.attention backend (None: by device)
+    attn_backend: str | None = None  # stepdiff.kernels.attention backend, or "sdpa" (None: by device)
+    norm_backend: str | None = None  # stepdiff.kernels.adaln_modulate backend (None: by device)
 
     def __post_init__(self) -> None:
+        check_backend("attn_backend", self.attn_backend, attention=True)
+        check_backend("norm_backend", self.norm_backend)
         for name in ("in_channels", "patch_size", "hidden", "depth", "heads", "freq_dim"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -118,11 +127,20 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     return x * (1 + scale) + shift
 
 
+def norm_modulate(norm: nn.LayerNorm, x: Tensor, shift: Tensor, scale: Tensor, backend: str | None = None) -> Tensor:
+    r"""$\mathrm{LN}(x)(1 + \gamma) + \beta$ for tokens ``x [B, T, d]`` and ``shift``, ``scale``
+    ``[B, d]``, with the $\epsilon$ of ``norm`` (a LayerNorm without parameters), in one call of
+    :func:`stepdiff.kernels.adaln_modulate` (``backend`` as there)."""
+    return adaln_modulate(x, shift, scale, norm.eps, backend=backend)
+
+
 class DiTBlock(nn.Module):
     """Self-attention, optional cross-attention and an MLP, conditioned on ``c`` by adaLN-Zero."""
 
-    def __init__(self, hidden: int, heads: int, mlp_ratio: float, context_dim: int, backend: str | None) -> None:
+    def __init__(self, hidden: int, heads: int, mlp_ratio: float, context_dim: int, backend: str | None,
+                 norm_backend: str | None = None) -> None:
         super().__init__()
+        self.norm_backend = norm_backend
         self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(hidden, heads, qkv_bias=True, backend=backend)
         self.cross = None
@@ -135,25 +153,26 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 6 * hidden))
 
     def forward(self, x: Tensor, c: Tensor, context: Tensor | None, context_mask: Tensor | None) -> Tensor:
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c)[:, None, :].chunk(6, dim=2)
-        x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1))
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)  # [B, d] each
+        x = x + gate1[:, None] * self.attn(norm_modulate(self.norm1, x, shift1, scale1, self.norm_backend))
         if self.cross is not None:
             x = x + self.cross(self.norm_cross(x), context, context_mask)
-        return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        return x + gate2[:, None] * self.mlp(norm_modulate(self.norm2, x, shift2, scale2, self.norm_backend))
 
 
 class FinalLayer(nn.Module):
     """adaLN-modulated LayerNorm, then a linear map of each token to its ``p * p * C`` patch values."""
 
-    def __init__(self, hidden: int, patch_size: int, out_channels: int) -> None:
+    def __init__(self, hidden: int, patch_size: int, out_channels: int, norm_backend: str | None = None) -> None:
         super().__init__()
+        self.norm_backend = norm_backend
         self.norm = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
         self.linear = nn.Linear(hidden, patch_size * patch_size * out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
-        shift, scale = self.adaLN_modulation(c)[:, None, :].chunk(2, dim=2)
-        return self.linear(modulate(self.norm(x), shift, scale))
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(norm_modulate(self.norm, x, shift, scale, self.norm_backend))
 
 
 class DiT(nn.Module):
@@ -179,9 +198,9 @@ class DiT(nn.Module):
         self.time_embed = TimestepEmbedder(c.freq_dim, d)
         self.class_embed = nn.Embedding(c.n_classes + 1, d) if c.n_classes else None
         self.blocks = nn.ModuleList(
-            DiTBlock(d, c.heads, c.mlp_ratio, c.context_dim, c.attn_backend) for _ in range(c.depth)
+            DiTBlock(d, c.heads, c.mlp_ratio, c.context_dim, c.attn_backend, c.norm_backend) for _ in range(c.depth)
         )
-        self.final = FinalLayer(d, p, c.in_channels)
+        self.final = FinalLayer(d, p, c.in_channels, c.norm_backend)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -222,7 +241,9 @@ class DiT(nn.Module):
         if y is not None:
             c = c + self.class_embed(y)
         context, context_mask = check_context(context, context_mask, self.config.context_dim, B)
-        tokens = self.patch_embed(x).flatten(2).transpose(1, 2)  # [B, T, d], T = h * w
+        # [B, T, d], T = h * w, made contiguous once: the whole residual stream then keeps that layout
+        # (a transposed one would be copied again by every norm and linear map).
+        tokens = self.patch_embed(x).flatten(2).transpose(1, 2).contiguous()
         tokens = tokens + sincos_position_embedding(self.config.hidden, h, w, x.device).to(tokens.dtype)
         for block in self.blocks:
             tokens = block(tokens, c, context, context_mask)

@@ -20,7 +20,24 @@ import math
 import torch
 from torch import Tensor, nn
 
-__all__ = ["timestep_embedding", "TimestepEmbedder", "zero_", "batch_time", "check_labels", "check_context"]
+__all__ = ["timestep_embedding", "TimestepEmbedder", "zero_", "batch_time", "check_labels", "check_context",
+           "check_backend"]
+
+KERNEL_BACKENDS = (None, "auto", "triton", "torch")
+
+
+def _capturing() -> bool:
+    """Whether a CUDA graph is being captured: values on the device cannot be read then."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def check_backend(name: str, value, attention: bool = False) -> None:
+    """Check a model's kernel backend setting: ``None`` (by device), ``"auto"``, ``"triton"`` or
+    ``"torch"`` (see :mod:`stepdiff.kernels`); for attention also ``"sdpa"``, PyTorch's
+    ``scaled_dot_product_attention`` (the baseline a plain PyTorch model would use)."""
+    allowed = KERNEL_BACKENDS + (("sdpa",) if attention else ())
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}; got {value!r}")
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0, time_scale: float = 1000.0) -> Tensor:
@@ -92,7 +109,9 @@ def check_labels(y: Tensor | None, n_classes: int, batch: int, device: torch.dev
     if not isinstance(y, Tensor) or y.shape != (batch,) or y.dtype not in (torch.int32, torch.int64):
         desc = f"{y.dtype} {tuple(y.shape)}" if isinstance(y, Tensor) else type(y).__name__
         raise ValueError(f"y must be integer labels of shape [{batch}]; got {desc}")
-    if y.numel() and (int(y.min()) < 0 or int(y.max()) > n_classes):
+    # Reading the values synchronises with the device, which a CUDA graph capture forbids: there
+    # they are the ones checked when the sampler was warmed up (stepdiff.fast).
+    if y.numel() and not (y.is_cuda and _capturing()) and (int(y.min()) < 0 or int(y.max()) > n_classes):
         raise ValueError(
             f"y must lie in 0..{n_classes} (the last is the null class); got values in [{int(y.min())}, {int(y.max())}]"
         )

@@ -22,6 +22,17 @@ activation of the way down concatenated to its input; a middle stage (ResBlock, 
 ResBlock) sits at the bottom. The time enters as $e = \mathrm{MLP}(\gamma(1000\,t)) + E[y]$, with
 $\gamma$ the sinusoidal features of :func:`~stepdiff.models.layers.timestep_embedding` and the class
 table $E$ holding one extra row, the null class ``n_classes`` (classifier-free guidance).
+
+**Kernels and layout.** Every $\mathrm{SiLU}(\mathrm{GN}(\cdot))$ pair (the first norm of each
+ResBlock, the second one with DDPM's additive time, the output norm) is one call of
+:func:`stepdiff.kernels.group_norm_silu`: on CUDA the fused Triton kernel (one pass over memory),
+elsewhere the PyTorch reference, which computes exactly what ``F.silu(F.group_norm(x))`` does
+(``norm_backend`` chooses). The ``nn.GroupNorm`` modules stay as holders of the parameters, so
+the state-dict keys are those of the unfused network. ``channels_last=True`` (or
+:meth:`UNet.set_channels_last`) runs the network in channels-last memory format, the weights
+stored so too: the layout GPU convolutions on tensor cores prefer, in which the fused norm keeps
+its input's layout and attention reads the pixels as tokens without a copy. The output is given
+back in the input's layout; the values equal the NCHW network's up to float rounding.
 """
 
 from __future__ import annotations
@@ -32,10 +43,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..kernels.norm import group_norm_silu
 from .attention import Attention
-from .layers import TimestepEmbedder, batch_time, check_context, check_labels, zero_
+from .layers import TimestepEmbedder, batch_time, check_backend, check_context, check_labels, zero_
 
-__all__ = ["UNetConfig", "ResBlock", "AttnBlock", "Downsample", "Upsample", "UNet", "UNET_PRESETS"]
+__all__ = ["UNetConfig", "norm_silu", "ResBlock", "AttnBlock", "Downsample", "Upsample", "UNet", "UNET_PRESETS"]
 
 
 @dataclass
@@ -54,10 +66,16 @@ class UNetConfig:
     scale_shift: bool = True  # time as scale and shift of the second norm (False: DDPM's additive shift)
     n_classes: int = 0  # 0: no class input; else labels 0..n_classes-1 plus the null class n_classes
     context_dim: int = 0  # 0: no cross-attention; else the width D_c of the context [B, L, D_c]
-    attn_backend: str | None = None  # stepdiff.kernels.attention backend (None: by device)
+    attn_backend: str | None = None  # stepdiff.kernels.attention backend, or "sdpa" (None: by device)
+    norm_backend: str | None = None  # stepdiff.kernels.group_norm_silu backend (None: by device)
+    channels_last: bool = False  # run (and store the weights) in channels-last memory format
 
     def __post_init__(self) -> None:
         self.channel_mult = tuple(self.channel_mult)
+        check_backend("attn_backend", self.attn_backend, attention=True)
+        check_backend("norm_backend", self.norm_backend)
+        if not isinstance(self.channels_last, bool):
+            raise ValueError(f"channels_last must be True or False; got {self.channels_last!r}")
         self.attn_levels = tuple(self.attn_levels)
         for name in ("in_channels", "channels", "num_res_blocks", "heads", "norm_groups"):
             _positive_int(name, getattr(self, name))
@@ -116,13 +134,23 @@ UNET_PRESETS: dict[str, UNetConfig] = {
 }
 
 
+def norm_silu(norm: nn.GroupNorm, x: Tensor, backend: str | None = None) -> Tensor:
+    r"""$\mathrm{SiLU}(\mathrm{GN}(x))$ with the groups, parameters and $\epsilon$ of ``norm``, in one
+    call of :func:`stepdiff.kernels.group_norm_silu` (``backend`` as there)."""
+    return group_norm_silu(x, norm.num_groups, norm.weight, norm.bias, norm.eps, backend=backend)
+
+
 class ResBlock(nn.Module):
     r"""$x \mapsto \mathrm{skip}(x) + \mathrm{Conv}_2\big(\mathrm{SiLU}(\mathrm{GN}(h)\,(1 + s) + b)\big)$,
-    $h = \mathrm{Conv}_1(\mathrm{SiLU}(\mathrm{GN}(x)))$, $(s, b)$ from the embedding $e$."""
+    $h = \mathrm{Conv}_1(\mathrm{SiLU}(\mathrm{GN}(x)))$, $(s, b)$ from the embedding $e$ (with
+    ``scale_shift=False``: $\mathrm{SiLU}(\mathrm{GN}(h + b))$). The norm-SiLU pairs are fused
+    (:func:`norm_silu`, ``norm_backend``)."""
 
-    def __init__(self, c_in: int, c_out: int, emb_dim: int, groups: int, dropout: float, scale_shift: bool) -> None:
+    def __init__(self, c_in: int, c_out: int, emb_dim: int, groups: int, dropout: float, scale_shift: bool,
+                 norm_backend: str | None = None) -> None:
         super().__init__()
         self.scale_shift = scale_shift
+        self.norm_backend = norm_backend
         self.norm1 = nn.GroupNorm(groups, c_in)
         self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
         self.emb = nn.Linear(emb_dim, 2 * c_out if scale_shift else c_out)
@@ -132,14 +160,14 @@ class ResBlock(nn.Module):
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv1(norm_silu(self.norm1, x, self.norm_backend))
         e = self.emb(F.silu(emb))[:, :, None, None]
         if self.scale_shift:
             scale, shift = e.chunk(2, dim=1)
-            h = self.norm2(h) * (1 + scale) + shift
+            h = F.silu(self.norm2(h) * (1 + scale) + shift)
         else:
-            h = self.norm2(h + e)
-        return self.skip(x) + self.conv2(self.dropout(F.silu(h)))
+            h = norm_silu(self.norm2, h + e, self.norm_backend)
+        return self.skip(x) + self.conv2(self.dropout(h))
 
 
 class AttnBlock(nn.Module):
@@ -230,7 +258,7 @@ class UNet(nn.Module):
         self.class_embed = nn.Embedding(c.n_classes + 1, emb_dim) if c.n_classes else None
 
         def res(c_in: int, c_out: int) -> ResBlock:
-            return ResBlock(c_in, c_out, emb_dim, G, c.dropout, c.scale_shift)
+            return ResBlock(c_in, c_out, emb_dim, G, c.dropout, c.scale_shift, c.norm_backend)
 
         def attn(width: int) -> AttnBlock:
             return AttnBlock(width, c.heads, G, c.context_dim, c.attn_backend)
@@ -262,6 +290,23 @@ class UNet(nn.Module):
                 self.up.append(stage)
         self.norm_out = nn.GroupNorm(G, width)
         self.conv_out = zero_(nn.Conv2d(width, c.in_channels, 3, padding=1))
+        self.channels_last = False
+        self.set_channels_last(c.channels_last)
+
+    def set_channels_last(self, enabled: bool = True) -> UNet:
+        """Run in channels-last memory format from now on (``enabled``), or in NCHW: the
+        convolution weights are converted in place (same values, other strides; parameters stay
+        the same objects, so an optimiser holding them is unaffected); ``config.channels_last``
+        does not change (it gives the setting a model is built with). Returns the model."""
+        if not isinstance(enabled, bool):
+            raise ValueError(f"enabled must be True or False; got {enabled!r}")
+        layout = torch.channels_last if enabled else torch.contiguous_format
+        with torch.no_grad():
+            for p in self.parameters():
+                if p.ndim == 4 and not p.is_contiguous(memory_format=layout):
+                    p.data = p.data.contiguous(memory_format=layout)
+        self.channels_last = enabled
+        return self
 
     @property
     def null_class(self) -> int | None:
@@ -277,7 +322,8 @@ class UNet(nn.Module):
         if y is not None:
             emb = emb + self.class_embed(y)
         context, context_mask = check_context(context, context_mask, self.config.context_dim, B)
-        h = self.conv_in(x)
+        backend = self.config.norm_backend
+        h = self.conv_in(x.contiguous(memory_format=torch.channels_last) if self.channels_last else x)
         hs = [h]
         for stage in self.down:
             h = stage(h, emb, context, context_mask)
@@ -285,7 +331,10 @@ class UNet(nn.Module):
         h = self.mid(h, emb, context, context_mask)
         for stage in self.up:
             h = stage(torch.cat([h, hs.pop()], dim=1), emb, context, context_mask)
-        return self.conv_out(F.silu(self.norm_out(h))).to(x.dtype)
+        out = self.conv_out(norm_silu(self.norm_out, h, backend)).to(x.dtype)
+        if x.is_contiguous() and not out.is_contiguous():
+            out = out.contiguous()  # back to the caller's layout
+        return out
 
     def _check_image(self, x: Tensor) -> None:
         c = self.config

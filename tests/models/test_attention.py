@@ -64,11 +64,13 @@ def test_cross_attention_matches_torch_multihead_attention():
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", [None, "sdpa"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_inner_width_differs_from_model_width(causal):
-    """8 heads of 40 on a width-64 model (inner 320 != 64), as in Stable Diffusion 1.x."""
+def test_inner_width_differs_from_model_width(causal, backend):
+    """8 heads of 40 on a width-64 model (inner 320 != 64), as in Stable Diffusion 1.x; also through
+    PyTorch's scaled_dot_product_attention (backend 'sdpa')."""
     torch.manual_seed(2)
-    layer = Attention(64, heads=8, head_dim=40, causal=causal)
+    layer = Attention(64, heads=8, head_dim=40, causal=causal, backend=backend)
     x = torch.randn(2, 19, 64)
     torch.testing.assert_close(layer(x), _plain(layer, x), rtol=1e-5, atol=1e-5)
 
@@ -101,6 +103,20 @@ def test_gradients_flow_through_the_triton_kernels():
 def test_bad_configuration():
     with pytest.raises(ValueError, match="divisible"):
         Attention(30, heads=4)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        Attention(32, heads=4, backend="flash")
+
+
+def test_sdpa_backend_with_causal_and_padding():
+    """A causal self-attention over a right-padded sequence: SDPA with the combined mask equals the
+    reference path."""
+    torch.manual_seed(5)
+    ref = Attention(24, heads=3, causal=True, backend="torch")
+    sdpa = Attention(24, heads=3, causal=True, backend="sdpa")
+    sdpa.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 7, 24)
+    mask = torch.arange(7)[None, :] < torch.tensor([[7], [4], [1]])
+    torch.testing.assert_close(sdpa(x, context_mask=mask), ref(x, context_mask=mask), rtol=1e-5, atol=1e-6)
 
 
 # --- context_mask: a right-padded context ------------------------------------------------------
@@ -115,7 +131,7 @@ def _padded(B, L, dim, lengths, seed=0, fill=1e4):
     return context, mask
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "sdpa"])
 @pytest.mark.parametrize("self_attention", [False, True], ids=["cross", "self"])
 def test_padding_tokens_change_nothing(backend, self_attention):
     """Each row with its context padded to L (padding filled with large garbage) gives the output

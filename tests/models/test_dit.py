@@ -303,3 +303,72 @@ def test_clear_errors():
         DiTConfig(hidden=18, heads=2)
     with pytest.raises(ValueError, match="unknown DiT preset 'XL/2'"):
         DiTConfig.preset("XL/2")
+
+
+# --- the fused adaLN modulate -------------------------------------------------------------------------------
+
+
+def _forward_backward(model, x, t, **kw):
+    """Output, and the gradients of the input and of every parameter, of a scalar loss."""
+    model.zero_grad()
+    xi = x.clone().requires_grad_()
+    out = model(xi, t, **kw)
+    (out * torch.linspace(-1, 1, out.shape[-1])).square().sum().backward()
+    return [out.detach(), xi.grad] + [p.grad for p in model.parameters()]
+
+
+def test_fused_adaln_changes_nothing_on_the_cpu(monkeypatch):
+    """On the CPU the fused adaLN calls take the PyTorch reference, which computes what the unfused
+    LN(x)(1 + scale) + shift did: output and every gradient bit for bit equal in fp32; the state
+    dict is the unfused network's."""
+    from stepdiff.models import dit
+
+    model = perturb(make(context_dim=6, n_classes=3))
+    B = 2
+    x, t = torch.randn(B, 3, 6, 8), torch.rand(B)
+    context, mask = contexts(B, 5, 6, [5, 2])
+    kw = dict(y=torch.tensor([0, 3]), context=context, context_mask=mask)
+    fused = _forward_backward(model, x, t, **kw)
+    calls = []
+
+    def unfused(norm, h, shift, scale, backend=None):
+        calls.append(norm)
+        return dit.modulate(norm(h), shift[:, None], scale[:, None])
+
+    monkeypatch.setattr(dit, "norm_modulate", unfused)
+    plain = _forward_backward(model, x, t, **kw)
+    assert len(calls) == 2 * model.config.depth + 1
+    for a, b in zip(fused, plain, strict=True):
+        assert torch.equal(a, b)
+    assert list(model.state_dict()) == list(make(context_dim=6, n_classes=3, norm_backend="triton").state_dict())
+
+
+def test_triton_adaln_matches_the_reference():
+    """The DiT with the fused Triton adaLN (the interpreter on a CPU) against the same weights on the
+    PyTorch reference, fp32, odd token count and width: output and every gradient agree to float32
+    rounding (1e-4 relative, or 1e-5 of the tensor's largest entry)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    changes = dict(hidden=20, heads=2, n_classes=3, attn_backend="torch")
+    tri = perturb(make(**changes, norm_backend="triton")).to(device)
+    ref = make(**changes, norm_backend="torch").to(device)
+    ref.load_state_dict(tri.state_dict())
+    x, t = torch.randn(3, 3, 6, 10, device=device), torch.rand(3, device=device)  # 15 tokens
+    y = torch.tensor([0, 2, 3], device=device)
+    got, want = _forward_backward(tri, x, t, y=y), _forward_backward(ref, x, t, y=y)
+    assert want[0].abs().max() > 0.1
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * max(1.0, float(b.abs().max())))
+
+
+def test_sdpa_attention_backend_matches_the_reference():
+    """attn_backend='sdpa' (PyTorch's scaled_dot_product_attention, the benchmarks' baseline) gives
+    the reference path's output, padded context included."""
+    ref = perturb(make(context_dim=6, attn_backend="torch"))
+    sdpa = make(context_dim=6, attn_backend="sdpa")
+    sdpa.load_state_dict(ref.state_dict())
+    x, t = torch.randn(2, 3, 6, 8), torch.rand(2)
+    context, mask = contexts(2, 5, 6, [5, 2])
+    torch.testing.assert_close(sdpa(x, t, context=context, context_mask=mask),
+                               ref(x, t, context=context, context_mask=mask), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="norm_backend must be one of"):
+        DiTConfig(norm_backend="sdpa")

@@ -303,3 +303,115 @@ def test_clear_errors():
         UNetConfig.preset("huge")
     with pytest.raises(TypeError, match="unknown UNetConfig fields"):
         UNetConfig.preset("tiny", width=3)
+
+
+# --- the fused GroupNorm+SiLU and the channels-last layout --------------------------------------------------
+
+
+def _forward_backward(model, x, t, **kw):
+    """Output, and the gradients of the input and of every parameter, of a scalar loss."""
+    model.zero_grad()
+    xi = x.clone().requires_grad_()
+    out = model(xi, t, **kw)
+    (out * torch.linspace(-1, 1, out.shape[-1])).square().sum().backward()
+    return [out.detach(), xi.grad] + [p.grad for p in model.parameters()]
+
+
+def assert_fp32_close(got: list, want: list) -> None:
+    """Equal up to float32 rounding of a different summation order: within 1e-4 relative, or 1e-5 of
+    the tensor's largest entry (at least 1e-5 absolute: the key biases' gradients are exactly 0 in
+    exact arithmetic, so theirs are pure rounding noise of order 1e-8)."""
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * max(1.0, float(b.abs().max())))
+
+
+@pytest.mark.parametrize("changes", [dict(scale_shift=False, dropout=0.0), dict(context_dim=4, n_classes=3)],
+                         ids=["additive-time", "scale-shift-cross"])
+def test_fused_norm_silu_changes_nothing_on_the_cpu(monkeypatch, changes):
+    """On the CPU the fused GroupNorm+SiLU calls take the PyTorch reference, which computes what the
+    unfused network did: output and every gradient bit for bit equal in fp32, and the state dict is
+    the unfused network's (the nn.GroupNorm modules hold the parameters)."""
+    import torch.nn.functional as F
+
+    from stepdiff.models import unet
+
+    model = perturb(make(**changes))
+    B = 3
+    x, t = torch.randn(B, 3, 8, 8), torch.rand(B)
+    kw = {}
+    if model.config.context_dim:
+        kw = dict(y=torch.tensor([0, 1, 3]), context=torch.randn(B, 5, 4),
+                  context_mask=torch.arange(5)[None] < torch.tensor([[5], [2], [1]]))
+    fused = _forward_backward(model, x, t, **kw)
+    calls = []
+
+    def unfused(norm, h, backend=None):
+        calls.append(norm)
+        return F.silu(norm(h))
+
+    monkeypatch.setattr(unet, "norm_silu", unfused)
+    plain = _forward_backward(model, x, t, **kw)
+    # Every ResBlock's first norm, the second with the additive time, and the output norm.
+    per_block = 1 if model.config.scale_shift else 2
+    assert len(calls) == per_block * sum(isinstance(m, ResBlock) for m in model.modules()) + 1
+    for a, b in zip(fused, plain, strict=True):
+        assert torch.equal(a, b)
+    keys = list(model.state_dict())
+    assert "down.0.0.norm1.weight" in keys and "norm_out.bias" in keys
+    assert keys == list(make(**changes, norm_backend="triton", channels_last=True).state_dict())
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels-last"])
+def test_triton_norm_silu_matches_the_reference(channels_last):
+    """The UNet with the fused Triton GroupNorm+SiLU (the interpreter on a CPU) against the same
+    weights on the PyTorch reference, fp32, at odd sizes (6x10 images, 4 and 8 channels per group):
+    output and every gradient agree to float32 rounding."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    changes = dict(channels=12, norm_groups=3, scale_shift=False, attn_backend="torch")
+    tri = perturb(make(**changes, norm_backend="triton", channels_last=channels_last)).to(device)
+    ref = make(**changes, norm_backend="torch").to(device)
+    ref.load_state_dict(tri.state_dict())
+    x, t = torch.randn(2, 3, 6, 10, device=device), torch.rand(2, device=device)
+    got, want = _forward_backward(tri, x, t), _forward_backward(ref, x, t)
+    assert want[0].abs().max() > 0.1  # the perturbed network carries signal
+    assert_fp32_close(got, want)
+
+
+def test_channels_last_option():
+    """channels_last=True stores the convolution weights and runs every activation in channels-last
+    format, gives the output back in the input's layout, and equals the NCHW network to fp32
+    rounding (values and gradients); set_channels_last switches either way in place."""
+    ref = perturb(make(context_dim=4))
+    cl = make(context_dim=4, channels_last=True)
+    cl.load_state_dict(ref.state_dict())
+    convs = [m for m in cl.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
+    layouts = []
+    hooks = [m.register_forward_hook(lambda m, i, o: layouts.append(
+        o.is_contiguous(memory_format=torch.channels_last) and not o.is_contiguous())) for m in convs]
+    x, t = torch.randn(2, 3, 8, 8), torch.rand(2)
+    kw = dict(context=torch.randn(2, 5, 4), context_mask=torch.arange(5)[None] < torch.tensor([[5], [3]]))
+    got, want = _forward_backward(cl, x, t, **kw), _forward_backward(ref, x, t, **kw)
+    assert len(layouts) >= len(convs) and all(layouts)
+    for h in hooks:
+        h.remove()
+    assert got[0].is_contiguous()  # NCHW in, NCHW out
+    assert_fp32_close(got, want)
+    out = cl(x.contiguous(memory_format=torch.channels_last), t, **kw)
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+    params = list(cl.parameters())
+    assert cl.set_channels_last(False) is cl and list(cl.parameters()) == params  # the same objects
+    assert all(m.weight.is_contiguous() for m in convs) and cl.channels_last is False
+    torch.testing.assert_close(cl(x, t, **kw), want[0], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="enabled must be True or False"):
+        cl.set_channels_last("yes")
+
+
+def test_backend_settings_are_checked():
+    with pytest.raises(ValueError, match="norm_backend must be one of"):
+        UNetConfig(norm_backend="cuda")
+    with pytest.raises(ValueError, match="attn_backend must be one of"):
+        UNetConfig(attn_backend="flash")
+    with pytest.raises(ValueError, match="channels_last must be True or False"):
+        UNetConfig(channels_last=1)
+    assert UNetConfig(attn_backend="sdpa").attn_backend == "sdpa"
