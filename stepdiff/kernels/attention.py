@@ -101,9 +101,13 @@ def _signature(t: Tensor | None):
 
 
 # kv_lens tensors whose values were already checked, by id: (a weak reference, the tensor's
-# version counter, Lk). A model passes the same kv_lens to every cross-attention layer and
-# every sampling step; reading the values costs a device synchronisation, so it is done once
-# per tensor and in-place change (the version counter moves on any in-place write).
+# version counter, (B, Lk, device)). A model passes the same kv_lens to every cross-attention
+# layer and every sampling step; reading the values costs a device synchronisation, so it is
+# done once per tensor and in-place change (the version counter moves on any in-place write).
+# A tensor made under torch.inference_mode has no version counter (reading it raises): a CUDA
+# one is checked at its first use only (version None: in-place writes to it are not seen, and
+# the kernels clamp every length into [1, Lk], as under graph capture); a CPU one is checked at
+# every call, which reads host memory and costs no synchronisation.
 _CHECKED_KV_LENS: dict[int, tuple] = {}
 
 
@@ -113,9 +117,10 @@ def _check_kv_lens(kv_lens, q: Tensor, k: Tensor, layout: str) -> None:
     Lk = k.shape[2] if layout == "bhld" else k.shape[1]
     entry = _CHECKED_KV_LENS.get(id(kv_lens))
     # A tensor checked before, unchanged since (in-place writes and resizes move its version
-    # counter; its dtype and device never change), for the same batch, keys and device.
-    if (entry is not None and entry[0]() is kv_lens and entry[1] == kv_lens._version
-            and entry[2] == (B, Lk, q.device)):
+    # counter; its dtype and device never change), for the same batch, keys and device; or a
+    # CUDA inference tensor checked before (no version counter to compare).
+    if (entry is not None and entry[0]() is kv_lens and entry[2] == (B, Lk, q.device)
+            and (entry[1] is None or entry[1] == kv_lens._version)):
         return
     if not isinstance(kv_lens, Tensor):
         raise TypeError(f"kv_lens must be a torch.Tensor (int64, shape [B]) or None; "
@@ -137,10 +142,14 @@ def _check_kv_lens(kv_lens, q: Tensor, k: Tensor, layout: str) -> None:
         bad = kv_lens[(kv_lens < 1) | (kv_lens > Lk)].tolist()
         raise ValueError(f"kv_lens must lie in [1, Lk] = [1, {Lk}]; got {bad[:8]}"
                          f"{' ...' if len(bad) > 8 else ''}")
+    inference = kv_lens.is_inference()
+    if inference and not kv_lens.is_cuda:
+        return  # re-checked at every call (see _CHECKED_KV_LENS)
     if len(_CHECKED_KV_LENS) > 64:  # drop entries whose tensors are gone
         for key in [key for key, e in _CHECKED_KV_LENS.items() if e[0]() is None]:
             del _CHECKED_KV_LENS[key]
-    _CHECKED_KV_LENS[id(kv_lens)] = (weakref.ref(kv_lens), kv_lens._version, (B, Lk, q.device))
+    version = None if inference else kv_lens._version
+    _CHECKED_KV_LENS[id(kv_lens)] = (weakref.ref(kv_lens), version, (B, Lk, q.device))
 
 
 def attention_reference(q: Tensor, k: Tensor, v: Tensor, *, kv_lens: Tensor | None = None,
@@ -265,7 +274,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, kv_lens: Tensor | None = None,
       head and query (a right-padded context). The padded keys' gradients are exactly 0. The
       values are checked on the host once per tensor (one device synchronisation; repeated
       calls with the same, unmodified tensor are not checked again); under CUDA-graph capture
-      they cannot be read, and the kernels clamp them into ``[1, Lk]``.
+      they cannot be read, and the kernels clamp them into ``[1, Lk]``. A tensor made under
+      ``torch.inference_mode`` has no version counter to show an in-place change: on the CPU
+      it is checked at every call (no synchronisation needed), on CUDA at its first use only
+      (later in-place writes are not re-checked; the kernels clamp them as above).
     - ``scale``: the $c$ above, default $1/\sqrt{D}$.
     - ``causal``: query $i$ attends to keys $j \le i$ only (top-left aligned, as PyTorch's
       ``is_causal``).

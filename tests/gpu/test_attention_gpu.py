@@ -303,3 +303,22 @@ def test_repeated_calls_launch_the_chosen_kernels_directly(monkeypatch):
     assert torch.equal(fast, fast_again)
     # Other strides, same configuration and arithmetic; a wrong stride would be far off.
     torch.testing.assert_close(fast.transpose(1, 2), first[0], rtol=2**-7, atol=2**-7)
+
+
+def test_kv_lens_made_under_inference_mode_costs_no_sync_after_its_first_use():
+    """A CUDA kv_lens made under torch.inference_mode (no version counter) is checked at its first
+    use (a bad one is refused) and then trusted: a repeated call makes no device synchronisation
+    (CUDA's sync debug mode raises on one), and the result is a plain tensor's with those values."""
+    q, k, v, _ = _inputs(2, 4, 96, 80, 64, torch.bfloat16, seed=81)
+    want = attention(q, k, v, kv_lens=torch.tensor([80, 33], device=DEVICE))
+    with torch.inference_mode():
+        lens = torch.tensor([80, 33], device=DEVICE)
+        assert torch.equal(attention(q, k, v, kv_lens=lens), want)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            again = attention(q, k, v, kv_lens=lens)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert torch.equal(again, want)
+        with pytest.raises(ValueError, match=r"kv_lens must lie in \[1, Lk\]"):
+            attention(q, k, v, kv_lens=torch.tensor([81, 3], device=DEVICE))

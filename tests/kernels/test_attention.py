@@ -478,6 +478,26 @@ def test_kv_lens_values_are_checked_again_after_a_change():
         attention(q, k, v, kv_lens=torch.tensor([7, 1], device=q.device), backend="triton")
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_kv_lens_made_under_inference_mode(backend):
+    """A kv_lens tensor made under torch.inference_mode (it has no version counter) works on both
+    paths and gives the result of a plain tensor with the same values; on the CPU it is checked at
+    every call, so a bad value, or one written in place after a first use, is still refused."""
+    q, k, v, _ = _inputs(2, 2, 5, 9, 16, torch.float32, seed=71)
+    want = attention(q, k, v, kv_lens=torch.tensor([9, 4]), backend=backend)
+    with torch.inference_mode():
+        lens = torch.tensor([9, 4])
+        assert lens.is_inference()
+        for _ in range(2):  # the second call is the cached (fast) path on the kernels' side
+            assert torch.equal(attention(q, k, v, kv_lens=lens, backend=backend), want)
+        lens[1] = 10
+        with pytest.raises(ValueError, match=r"kv_lens must lie in \[1, Lk\] = \[1, 9\]; got \[10\]"):
+            attention(q, k, v, kv_lens=lens, backend=backend)
+        with pytest.raises(ValueError, match=r"got \[0\]"):
+            attention(q, k, v, kv_lens=torch.tensor([0, 3]), backend=backend)
+    assert torch.equal(attention(q, k, v, kv_lens=torch.tensor([9, 4]), backend=backend), want)
+
+
 def _bad_kv_lens(**changes):
     base = {"q": torch.randn(2, 3, 5, 16), "k": torch.randn(2, 3, 7, 16),
             "v": torch.randn(2, 3, 7, 16), "kv_lens": torch.tensor([7, 3])}
