@@ -2,33 +2,43 @@
 
     python tools/run_chapter.py book/part1/01_fundamentals.md [more.md ...] [--quiet]
 
-Each chapter is converted with jupytext and executed with nbclient in its own directory
-(as the book build does), with the kernel named in its header. Exit status 1 if any cell
-fails. Handy while writing a chapter; the book build itself is `make book`.
+Each chapter is read as the notebook a reader downloads (the set-up cells first, as
+``tools/notebooks.py`` and the book build do) and executed with nbclient in a fresh kernel,
+in an empty temporary directory (as ``make book`` runs it: a path relative to the repository
+fails here too), with the kernel named in its header. Exit status 1 if any cell fails. Handy
+while writing a chapter; the book build itself is `make book`.
 """
 
 from __future__ import annotations
 
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-import jupytext
 import nbclient
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "book" / "_ext"))
+
+from chapter_notebooks import book_settings, read_chapter  # noqa: E402
 
 
 def run(path: Path, quiet: bool) -> bool:
-    nb = jupytext.read(path)
-    client = nbclient.NotebookClient(
-        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
-    )
+    settings = book_settings(ROOT)
+    nb = read_chapter(path, settings["repository_url"], settings["branch"], settings["extensions"])
     start = time.perf_counter()
     ok = True
-    try:
-        client.execute()
-    except nbclient.exceptions.CellExecutionError as err:
-        ok = False
-        print(f"FAILED {path}:\n{err}")
+    with tempfile.TemporaryDirectory(prefix="stepdiff-chapter-") as cwd:
+        client = nbclient.NotebookClient(
+            nb, timeout=600, kernel_name=nb.metadata.get("kernelspec", {}).get("name", "python3"),
+            resources={"metadata": {"path": cwd}},
+        )
+        try:
+            client.execute(cwd=cwd)
+        except nbclient.exceptions.CellExecutionError as err:
+            ok = False
+            print(f"FAILED {path}:\n{err}")
     elapsed = time.perf_counter() - start
     if not quiet:
         for cell in nb.cells:

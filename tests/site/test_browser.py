@@ -134,7 +134,10 @@ const done = arguments[arguments.length - 1];
                     .map(e => e.textContent.slice(0, 80)),
     merror: Array.from(document.querySelectorAll('mjx-merror')).map(
         e => (e.closest('mjx-container') || e).getAttribute('aria-label') || e.textContent.slice(0, 80)),
-    undefined_macros: red.map(e => e.textContent.slice(0, 80)),
+    undefined_macros: red.map(e => {
+      const mml = e.closest('mjx-container') && e.closest('mjx-container').querySelector('mjx-assistive-mml');
+      return (mml ? mml.textContent : e.textContent).slice(0, 80);
+    }),
     images: imgs.map(img => ({src: img.getAttribute('src'), w: img.naturalWidth, h: img.naturalHeight,
                               complete: img.complete})),
   });
