@@ -154,7 +154,7 @@ class ShapesClassifier(_Classifier):
     """
 
     def __init__(
-        self, n_shapes: int = 8, n_colours: int = 8, n_sizes: int = 2, width: int = 32, feature_dim: int = 256
+        self, n_shapes: int = 8, n_colours: int = 8, n_sizes: int = 2, width: int = 24, feature_dim: int = 256
     ) -> None:
         super().__init__(n_shapes=n_shapes, n_colours=n_colours, n_sizes=n_sizes, width=width, feature_dim=feature_dim)
         self.n_classes = (n_shapes + 1, n_colours + 1, n_sizes + 1)
@@ -434,9 +434,9 @@ def train_shapes_classifier(
     *,
     n_train: int = 20_000,
     n_held_out: int = 2_000,
-    steps: int = 3000,
+    steps: int = 1500,
     seed: int = 0,
-    width: int = 32,
+    width: int = 24,
     progress: bool = False,
     **train_kwargs,
 ) -> tuple[ShapesClassifier, TrainReport]:
@@ -446,6 +446,11 @@ def train_shapes_classifier(
     (one to three objects each, 32x32). The held-out scores (per attribute over the objects
     present, occupancy over all cells, and the fraction of scenes read entirely right) are in the
     report and in ``model.held_out``. Further keywords go to :func:`train_classifier`.
+
+    With the defaults (20,000 training scenes, 1,500 steps of 128, width 24, 0.6 M parameters)
+    the measured held-out scores on 2,000 scenes: shape 99.7 %, colour 100 %, size 99.98 %,
+    occupancy 100 %, whole scenes 99.35 %; training took 325 s of one CPU core (the whole call
+    331 s).
     """
     from .shapes import make_shapes
 

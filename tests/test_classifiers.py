@@ -14,6 +14,7 @@ from stepdiff.classifiers import (
     save_classifier,
     train_classifier,
     train_digits_classifier,
+    train_shapes_classifier,
 )
 from stepdiff.evaluation import class_accuracy, extract_features
 
@@ -156,3 +157,11 @@ def test_digits_judge_reads_held_out_digits():
     f_train, f_held = extract_features(model, train.images), extract_features(model, held.images)
     nearest = torch.cdist(f_held, f_train).argmin(1)
     assert float((train.labels[nearest] == held.labels).float().mean()) >= 0.95
+
+
+def test_shapes_classifier_training_lowers_the_loss():
+    """A short run on real scenes (the full one, measured in the report, is minutes long)."""
+    model, report = train_shapes_classifier(n_train=600, n_held_out=200, steps=60, width=8, log_every=20)
+    assert report.losses[-1] < 0.6 * report.losses[0]
+    assert set(report.held_out) == {"shape", "colour", "size", "occupancy", "scene"}
+    assert model.held_out == report.held_out and report.n_train == 600 and report.n_held_out == 200
