@@ -502,6 +502,9 @@ def save_classifier(
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(record, f)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it a normal file's mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
