@@ -2,12 +2,12 @@ r"""Evaluation classifiers: the judges that read generated images back.
 
 A generated image is scored by a classifier trained on real data: how often it reads the class
 (or each attribute) that was asked for, and, from its penultimate features, how far the
-samples lie from real images (:mod:`stepdiff.evaluation`). Three networks:
+samples lie from real images ({mod}`stepdiff.evaluation`). Three networks:
 
-- :class:`DigitsCNN`: a small CNN for the 1x8x8 and 1x16x16 digits (:func:`stepdiff.image_data.load_digits`);
-- :class:`DigitsMLP`: an independent judge of the same digits with a different architecture (an
+- {class}`DigitsCNN`: a small CNN for the 1x8x8 and 1x16x16 digits ({func}`stepdiff.image_data.load_digits`);
+- {class}`DigitsMLP`: an independent judge of the same digits with a different architecture (an
   MLP on the pixels), so that a generator tuned against one classifier can be checked by another;
-- :class:`ShapesClassifier`: a CNN for the 3x32x32 "shapes" scenes (:mod:`stepdiff.shapes`) with one
+- {class}`ShapesClassifier`: a CNN for the 3x32x32 "shapes" scenes ({mod}`stepdiff.shapes`) with one
   head per attribute per grid cell, predicting ``targets [N, 9, 3]``: per cell
   ``(shape, colour, size)`` ids, 0 for an empty cell.
 
@@ -15,11 +15,11 @@ Each has ``forward(x)`` (logits), ``features(x)`` (the penultimate activations u
 distance), ``predict(x)`` (ids) and ``loss(x, labels)``. Inputs are images in $[-1, 1]$; they are
 clamped to that range first, so a generated image that overshoots is read as its clipped picture.
 
-:func:`train_classifier` trains any of them (AdamW, cosine learning rate, seeded, augmented with
+{func}`train_classifier` trains any of them (AdamW, cosine learning rate, seeded, augmented with
 small shifts and noise so that slightly imperfect generated images are read robustly) and records
-its held-out accuracy on the model. :func:`train_digits_classifier` and
-:func:`train_shapes_classifier` are the one-line calls on the package's own data;
-:func:`save_classifier` / :func:`load_classifier` store a classifier with its record.
+its held-out accuracy on the model. {func}`train_digits_classifier` and
+{func}`train_shapes_classifier` are the one-line calls on the package's own data;
+{func}`save_classifier` / {func}`load_classifier` store a classifier with its record.
 """
 
 from __future__ import annotations
@@ -114,10 +114,11 @@ class DigitsCNN(_LabelClassifier):
 
 
 class DigitsMLP(_LabelClassifier):
-    r"""An MLP on the pixels of digits ``[N, 1, s, s]``: the independent judge.
+    r"""An MLP on the pixels of digits ``[N, 1, s, s]``: the independent judge,
+    $\phi(x) = \mathrm{SiLU}\big(W_2\,\mathrm{SiLU}(\mathrm{LN}(W_1 x))\big)$, logits $W_3\phi(x)$.
 
     ``Linear(s^2, hidden)``, LayerNorm, SiLU, ``Linear(hidden, feature_dim)``, SiLU: the features;
-    then a linear layer to the logits. No convolution, so its errors differ from :class:`DigitsCNN`'s.
+    then a linear layer to the logits. No convolution, so its errors differ from {class}`DigitsCNN`'s.
     """
 
     def __init__(self, image_size: int = 8, n_classes: int = 10, hidden: int = 256, feature_dim: int = 128) -> None:
@@ -141,14 +142,14 @@ class DigitsMLP(_LabelClassifier):
 
 
 class ShapesClassifier(_Classifier):
-    r"""Reads a 3x32x32 "shapes" scene cell by cell: ``targets [N, 9, 3]`` as in :mod:`stepdiff.shapes`.
+    r"""Reads a 3x32x32 "shapes" scene cell by cell: ``targets [N, 9, 3]`` as in {mod}`stepdiff.shapes`.
 
     A CNN (``conv(w)`` at 32x32, ``conv(2w) conv(2w)`` at 16x16, ``conv(4w) conv(4w)`` at 8x8,
     max-pooled after each stage, to 4x4), then ``Linear(64w, feature_dim)``, SiLU: the features. Every cell sees
     the whole image through them, so an object jittered across a cell border is still placed.
     Three heads read each of the 9 cells: ``shape`` over $1 + |\text{SHAPES}|$ classes,
     ``colour`` over $1 + |\text{COLOURS}|$ and ``size`` over $1 + |\text{SIZES}|$, class 0 meaning
-    an empty cell. :meth:`predict` makes the reading consistent: a cell is empty when its shape
+    an empty cell. {meth}`predict` makes the reading consistent: a cell is empty when its shape
     head says so (then all three ids are 0); otherwise colour and size are the most likely
     non-empty classes.
     """
@@ -175,7 +176,7 @@ class ShapesClassifier(_Classifier):
 
     @classmethod
     def for_dataset(cls, **kwargs) -> ShapesClassifier:
-        """Sized for the vocabularies of :mod:`stepdiff.shapes`."""
+        """Sized for the vocabularies of {mod}`stepdiff.shapes`."""
         from . import shapes
 
         return cls(len(shapes.SHAPES), len(shapes.COLOURS), len(shapes.SIZES), **kwargs)
@@ -224,7 +225,7 @@ CLASSIFIERS: dict[str, type[_Classifier]] = {
     "DigitsMLP": DigitsMLP,
     "ShapesClassifier": ShapesClassifier,
 }
-"""The classifier classes by name (what :func:`save_classifier` records)."""
+"""The classifier classes by name (what {func}`save_classifier` records)."""
 
 
 # --- training ---------------------------------------------------------------------------------
@@ -255,7 +256,7 @@ def augment(x: Tensor, generator: torch.Generator, *, shift: int = 1, noise: flo
 
 @dataclass
 class TrainReport:
-    """What :func:`train_classifier` measured: held-out scores, losses, and the time it took."""
+    """What {func}`train_classifier` measured: held-out scores, losses, and the time it took."""
 
     held_out: dict
     steps: int
@@ -273,10 +274,11 @@ class TrainReport:
 
 @torch.no_grad()
 def evaluate_classifier(model: nn.Module, images: Tensor, labels: Tensor, *, batch_size: int = 500) -> dict:
-    r"""Held-out scores of a classifier (in eval mode, in batches).
+    r"""Held-out scores of a classifier (in eval mode, in batches): accuracies
+    $\frac1n\sum_i\mathbb 1[\hat y_i = y_i]$.
 
     Digits: ``{"accuracy"}``. Shapes: ``{"shape", "colour", "size"}`` accuracies over the objects
-    present (:func:`stepdiff.evaluation.attribute_accuracy`), ``"occupancy"`` over all cells,
+    present ({func}`stepdiff.evaluation.attribute_accuracy`), ``"occupancy"`` over all cells,
     and ``"scene"``, the fraction of scenes whose 27 ids are all read right.
     """
     from .evaluation import attribute_accuracy, class_accuracy
@@ -313,15 +315,17 @@ def train_classifier(
 ) -> TrainReport:
     r"""Train an evaluation classifier on ``(images, labels)`` and record its held-out scores.
 
-    AdamW (``lr``, ``weight_decay``) with a cosine decay of the learning rate to 0 over ``steps``
+    Minimises the cross-entropy $-\log p_\theta(y\mid \tilde x)$ of augmented images $\tilde x$ with
+    AdamW (``lr``, ``weight_decay``), the learning rate decaying as
+    $\eta_k = \eta\,\tfrac12\big(1 + \cos(\pi k/K)\big)$ to 0 over $K$ = ``steps``
     steps of ``batch_size`` images drawn without replacement epoch by epoch; every batch is
-    augmented by :func:`augment` (``shift``, ``noise``). All randomness comes from one generator
+    augmented by {func}`augment` (``shift``, ``noise``). All randomness comes from one generator
     seeded with ``seed``, so the same call gives the same weights (given the same initial
-    weights; :func:`train_digits_classifier` and :func:`train_shapes_classifier` seed those too).
+    weights; {func}`train_digits_classifier` and {func}`train_shapes_classifier` seed those too).
     ``labels``: class ids ``[N]`` for the digits classifiers, targets ``[N, 9, 3]`` for
-    :class:`ShapesClassifier`. After training the model is in eval mode and ``model.held_out``
+    {class}`ShapesClassifier`. After training the model is in eval mode and ``model.held_out``
     holds the scores on ``held_out`` (accuracy; for shapes per attribute, occupancy and whole
-    scenes). Returns a :class:`TrainReport`.
+    scenes). Returns a {class}`TrainReport`.
     """
     if images.shape[0] != labels.shape[0]:
         raise ValueError(f"images has {images.shape[0]} rows but labels has {labels.shape[0]}")
@@ -394,14 +398,15 @@ def _seeded(cls, seed: int, **kwargs) -> nn.Module:
 def train_digits_classifier(
     size: int = 8, arch: str = "cnn", *, steps: int | None = None, seed: int = 0, progress: bool = False, **train_kwargs
 ) -> tuple[nn.Module, TrainReport]:
-    r"""A digits classifier trained on the training split of :func:`stepdiff.image_data.load_digits`.
+    r"""A digits classifier trained on the training split of {func}`stepdiff.image_data.load_digits`
+    (cross-entropy $-\log p_\theta(y\mid x)$, see {func}`train_classifier`).
 
-    ``arch``: ``"cnn"`` (:class:`DigitsCNN`, the main judge) or ``"mlp"`` (:class:`DigitsMLP`, the
+    ``arch``: ``"cnn"`` ({class}`DigitsCNN`, the main judge) or ``"mlp"`` ({class}`DigitsMLP`, the
     independent one); ``size`` 8 or 16; ``steps`` of 128 images, by default 600 for the CNN and
     1500 for the MLP (measured held-out accuracy: CNN 99.0 % at 8x8, 99.3 % at 16x16; MLP 98.0 %
     and 98.7 %; about 37 s, 62 s, 5 s and 7 s of one CPU core). Held-out accuracy on the 300
     held-out digits is in the report and in ``model.held_out``. Further keywords go to
-    :func:`train_classifier` (shifts of 2 pixels at 16x16, 1 at 8x8, by default).
+    {func}`train_classifier` (shifts of 2 pixels at 16x16, 1 at 8x8, by default).
     """
     from .image_data import load_digits
 
@@ -440,12 +445,14 @@ def train_shapes_classifier(
     progress: bool = False,
     **train_kwargs,
 ) -> tuple[ShapesClassifier, TrainReport]:
-    r"""A :class:`ShapesClassifier` trained on ``n_train`` scenes of :func:`stepdiff.shapes.make_shapes`.
+    r"""A {class}`ShapesClassifier` trained on ``n_train`` scenes of {func}`stepdiff.shapes.make_shapes`,
+    minimising $\frac13\sum_h\frac19\sum_c -\log p^{(h)}_\theta(a_{ch}\mid x)$ over the 3 heads $h$
+    and the 9 cells $c$.
 
     Training scenes come from seed ``SHAPES_TRAIN_SEED``, held-out scenes from ``SHAPES_HELD_OUT_SEED``
     (one to three objects each, 32x32). The held-out scores (per attribute over the objects
     present, occupancy over all cells, and the fraction of scenes read entirely right) are in the
-    report and in ``model.held_out``. Further keywords go to :func:`train_classifier`.
+    report and in ``model.held_out``. Further keywords go to {func}`train_classifier`.
 
     With the defaults (20,000 training scenes, 1,500 steps of 128, width 24, 0.6 M parameters)
     the measured held-out scores on 2,000 scenes: shape 99.7 %, colour 100 %, size 99.98 %,
@@ -479,7 +486,7 @@ def save_classifier(
     """Write ``model`` (class name, config, weights, held-out scores, and ``report``) to ``path`` atomically.
 
     ``dtype`` (e.g. ``torch.float16``) stores the floating-point weights in that type to save
-    space; :func:`load_classifier` turns them back into float32.
+    space; {func}`load_classifier` turns them back into float32.
     """
     name = type(model).__name__
     if name not in CLASSIFIERS:
@@ -514,7 +521,7 @@ def save_classifier(
 
 
 def load_classifier(path: str | Path, map_location: str | torch.device = "cpu") -> _Classifier:
-    """Read a classifier written by :func:`save_classifier`, in eval mode, with ``held_out`` restored."""
+    """Read a classifier written by {func}`save_classifier`, in eval mode, with ``held_out`` restored."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no classifier file at {path}")

@@ -2,18 +2,18 @@ r"""The numbers every image chapter reports: Fréchet distance, precision and re
 conditional accuracy, and the errors of generated "shapes" scenes by kind.
 
 Features are the penultimate activations of an evaluation classifier
-(:mod:`stepdiff.classifiers`), ``[n, D]``; everything here computes in float64 on the device of
+({mod}`stepdiff.classifiers`), ``[n, D]``; everything here computes in float64 on the device of
 its inputs and returns Python numbers (or tensors where a per-sample answer is the point).
 
-- :func:`frechet_distance` between two feature sets, always with the two sample counts
-  (:class:`FrechetDistance`), and :func:`frechet_floor`, the distance between two disjoint real
+- {func}`frechet_distance` between two feature sets, always with the two sample counts
+  ({class}`FrechetDistance`), and {func}`frechet_floor`, the distance between two disjoint real
   sets at the same counts: the value a perfect generator would get. Report both.
-- :func:`precision_recall` with $k$-nearest-neighbour manifolds (Kynkäänniemi et al. 2019).
-- :func:`memorisation`: each sample's distance to its nearest training image, in pixels and
+- {func}`precision_recall` with $k$-nearest-neighbour manifolds (Kynkäänniemi et al. 2019).
+- {func}`memorisation`: each sample's distance to its nearest training image, in pixels and
   in features, and the fraction closer than a threshold.
-- :func:`class_accuracy` and :func:`attribute_accuracy`: how often the classifier reads back
-  what was asked for; :func:`scene_errors`: every error of a generated scene, by kind.
-- :func:`evaluate_samples`: all of the above in one call, as a JSON-ready dict.
+- {func}`class_accuracy` and {func}`attribute_accuracy`: how often the classifier reads back
+  what was asked for; {func}`scene_errors`: every error of a generated scene, by kind.
+- {func}`evaluate_samples`: all of the above in one call, as a JSON-ready dict.
 
 Cost for 10,000 images, in CPU seconds of one core (PyTorch 2.13, this project's CPU machine,
 ``torch.set_num_threads(1)``; wall time was 5-8x longer there because other jobs shared the
@@ -85,7 +85,7 @@ class FrechetDistance:
     r"""A Fréchet distance with the sample counts it was computed from.
 
     ``value`` the distance (squared units of the features, as FID), ``n1`` and ``n2`` the two
-    counts; for an average over ``repeats`` draws (:func:`frechet_floor`), ``std`` is their
+    counts; for an average over ``repeats`` draws ({func}`frechet_floor`), ``std`` is their
     standard deviation. ``float(fd)`` is the value.
     """
 
@@ -152,10 +152,10 @@ def frechet_distance(features1: Tensor, features2: Tensor) -> FrechetDistance:
     r"""The Fréchet distance between Gaussians fitted to two feature sets ``[n1, D]``, ``[n2, D]``.
 
     The means and unbiased covariances of the two sets go into
-    :func:`frechet_distance_from_moments`. This is FID's formula (Heusel et al. 2017) in
+    {func}`frechet_distance_from_moments`. This is FID's formula (Heusel et al. 2017) in
     whatever feature space is given. It is biased upward at finite counts (by roughly
     $\operatorname{Tr}\Sigma/n$ per set), which is why it is only comparable at equal counts and
-    is reported beside :func:`frechet_floor`. Returns a :class:`FrechetDistance` carrying the
+    is reported beside {func}`frechet_floor`. Returns a {class}`FrechetDistance` carrying the
     counts.
     """
     x, y = _pair(features1, features2, ("features1", "features2"))
@@ -180,8 +180,10 @@ def frechet_floor(
     ``real1`` and ``real2`` are features of two **disjoint** sets of real images (e.g. training
     and held-out images). Each repeat draws ``n1`` rows of ``real1`` and ``n2`` rows of
     ``real2`` (all of ``real2`` by default) without replacement, from a generator seeded with
-    ``seed``, and computes :func:`frechet_distance`; the result is the mean over ``repeats``
-    with their standard deviation. To compare with samples, use ``n1`` = the number of samples
+    ``seed``, and computes {func}`frechet_distance`; the result is the mean over the
+    $R$ = ``repeats`` draws, $\bar d = \frac1R\sum_r d(X_r, Y_r)$ with $X_r\subset$ ``real1``
+    ($|X_r| = n_1$) and $Y_r \subset$ ``real2`` ($|Y_r| = n_2$), with their standard deviation.
+    To compare with samples, use ``n1`` = the number of samples
     and the same ``real2`` as the samples were compared with.
     """
     x, y = _pair(real1, real2, ("real1", "real2"))
@@ -280,14 +282,16 @@ def memorisation(
 ) -> dict:
     r"""How close each sample is to its nearest training image: copies show up as distances near 0.
 
+    Per sample $x_i$, $d_i = \min_j \|x_i - t_j\|_2/\sqrt D$ over the training images $t_j$,
+    and for a threshold $\tau$ the fraction $\frac1n\#\{i : d_i \le \tau\}$.
     ``samples`` ``[n, C, H, W]`` and ``train`` ``[m, C, H, W]`` in pixel space; optionally their
     features ``[n, D]``, ``[m, D]`` for the same measure in feature space. Distances are
-    root-mean-square per entry (:func:`nearest_neighbours`). Returns a dict with, per space
+    root-mean-square per entry ({func}`nearest_neighbours`). Returns a dict with, per space
     (``"pixel"`` and, with features, ``"feature"``): ``distance`` ``[n]`` and ``index`` ``[n]``
     (tensors: the nearest training row), ``min``, ``median``, and, when a threshold is given,
     ``threshold`` and ``fraction_within`` (the fraction of samples closer than it, i.e. the
     suspected copies). A sensible threshold comes from real data: the distances of held-out
-    images to the training set (:func:`nearest_neighbours`) show how close a new image gets
+    images to the training set ({func}`nearest_neighbours`) show how close a new image gets
     without being a copy.
     """
     report: dict = {"n_samples": int(samples.shape[0]), "n_train": int(train.shape[0])}
@@ -316,7 +320,8 @@ def memorisation(
 
 
 def class_accuracy(predicted: Tensor, asked: Tensor, n_classes: int | None = None) -> dict:
-    r"""The fraction of samples whose class the classifier reads as the one asked for.
+    r"""The fraction of samples whose class the classifier reads as the one asked for,
+    $\frac1n\sum_i \mathbb 1[\hat y_i = y_i]$.
 
     ``predicted`` and ``asked``: ``LongTensor [n]``. Returns ``{"accuracy", "n", "per_class",
     "confusion"}``: per-class accuracy (``None`` for a class never asked) and the confusion
@@ -360,8 +365,10 @@ def _check_targets(t: Tensor, name: str) -> Tensor:
 
 
 def attribute_accuracy(predicted: Tensor, asked: Tensor) -> dict:
-    r"""Per-attribute accuracy of scenes read back cell by cell (targets ``[N, 9, 3]`` as in :mod:`stepdiff.shapes`).
+    r"""Per-attribute accuracy of scenes read back cell by cell (targets ``[N, 9, 3]`` as in {mod}`stepdiff.shapes`).
 
+    For attribute $h$: $\frac1{|O|}\sum_{(n, c)\in O}\mathbb 1[\hat a_{nch} = a_{nch}]$, $O$ the
+    (scene, cell) pairs where an object was asked for.
     Over the cells where an object was asked for: the fraction whose shape, colour and size
     the classifier reads as asked (an empty reading counts as wrong); ``occupancy``: over all
     cells, the fraction whose emptiness is read right; ``n_objects`` the number of asked objects.
@@ -390,7 +397,7 @@ ERROR_KINDS = (
     "extra_object",
     "wrong_relation",
 )
-"""The kinds of scene error :func:`scene_errors` counts."""
+"""The kinds of scene error {func}`scene_errors` counts."""
 
 
 def _asked_objects(spec, vocab) -> tuple[list[tuple[int | None, ...]], list[tuple[int, str, int]]]:
@@ -465,18 +472,19 @@ _ATTRIBUTE_ERRORS = {"shape": ("wrong_shape",), "colour": ("wrong_colour", "colo
 
 
 def scene_errors(predicted: Tensor, asked: Tensor | Sequence, *, per_scene: bool = False) -> dict:
-    r"""Read generated scenes back and count their errors by kind (:data:`ERROR_KINDS`).
+    r"""Read generated scenes back and count their errors by kind ({data}`ERROR_KINDS`).
 
     ``predicted``: the classifier's reading, targets ``LongTensor [N, 9, 3]`` (per cell
-    ``(shape, colour, size)`` ids, 0 = empty, as in :mod:`stepdiff.shapes`). ``asked``: what each
+    ``(shape, colour, size)`` ids, 0 = empty, as in {mod}`stepdiff.shapes`). ``asked``: what each
     scene was asked to show, either targets ``[N, 9, 3]`` (every attribute and cell stated) or a
-    sequence of ``N`` caption specifications (:class:`stepdiff.shapes.CaptionSpec`: objects whose
+    sequence of ``N`` caption specifications ({class}`stepdiff.shapes.CaptionSpec`: objects whose
     shape, colour, size and cell may be ``None`` when the caption leaves them open, and relations
     ``(i, word, j)``: object i is ``word`` object j, judged from the cells by
-    :func:`stepdiff.shapes.relation`).
+    {func}`stepdiff.shapes.relation`).
 
-    Each scene is read under the assignment of asked objects to predicted objects (or to
-    nothing) that explains it with the fewest errors (ties: more objects matched). Then:
+    Each scene is read under the assignment $\pi$ of asked objects to predicted objects (or to
+    nothing) that explains it with the fewest errors, $\pi^* = \arg\min_\pi |E(\pi)|$ (ties: more
+    objects matched), $E(\pi)$ being the list of errors below. Then:
 
     - a matched object can have a ``wrong_shape``, ``wrong_size`` or ``wrong_position`` (a stated
       cell), and a wrong colour: ``colour_leak`` when the colour read is one asked for another
@@ -486,7 +494,7 @@ def scene_errors(predicted: Tensor, asked: Tensor | Sequence, *, per_scene: bool
     - a relation between two matched objects that their cells do not satisfy is a ``wrong_relation``.
 
     A scene is correct when it has no error, which for a caption is exactly
-    :meth:`stepdiff.shapes.CaptionSpec.satisfied_by`. Returns a JSON-ready dict: ``n_scenes``,
+    {meth}`stepdiff.shapes.CaptionSpec.satisfied_by`. Returns a JSON-ready dict: ``n_scenes``,
     ``all_correct`` (the fraction of correct scenes), ``by_n_objects`` (``{k: {"n",
     "all_correct"}}`` by the number of asked objects), ``errors`` (count of each kind),
     ``scenes_with`` (fraction of scenes with at least one error of each kind), ``attribute_accuracy``
@@ -559,7 +567,8 @@ def scene_errors(predicted: Tensor, asked: Tensor | Sequence, *, per_scene: bool
 
 @torch.no_grad()
 def extract_features(classifier: Callable, images: Tensor, *, batch_size: int = 500) -> Tensor:
-    r"""``classifier.features(images)`` in batches, without gradients: ``[n, D]`` float32.
+    r"""The features $\phi(x)$ = ``classifier.features(images)``, in batches, without gradients:
+    ``[n, D]`` float32.
 
     The classifier is put in eval mode for the call and restored. Cost: see the module docstring
     (2 to 13 CPU seconds per 10,000 images).
@@ -612,7 +621,7 @@ def evaluate_samples(
 ) -> dict:
     r"""Every number of this module for one set of samples, as a JSON-ready dict.
 
-    ``classifier``: an evaluation classifier (:mod:`stepdiff.classifiers`: ``features`` and
+    ``classifier``: an evaluation classifier ({mod}`stepdiff.classifiers`: ``features`` and
     ``predict``). ``samples`` ``[n, C, H, W]``; ``held_out`` real images the classifier and the
     generator never trained on; ``train`` the generator's training images (disjoint from
     ``held_out``, at least ``n`` of them). ``asked``: what each sample was conditioned on, class

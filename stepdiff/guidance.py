@@ -1,7 +1,7 @@
 r"""Classifier-free guidance: one wrapper that turns a conditional model into a guided one.
 
 A network trained with its condition sometimes dropped (``label_dropout`` in
-:func:`stepdiff.train.train`, text dropout for a text-conditioned model) predicts both
+{func}`stepdiff.train.train`, text dropout for a text-conditioned model) predicts both
 $p_c = f(x_t, t, c)$ and $p_u = f(x_t, t, \varnothing)$. Classifier-free guidance (Ho & Salimans
 2022) samples with
 
@@ -10,15 +10,15 @@ $$p_w = p_u + w\,(p_c - p_u),$$
 so $w = 0$ is the unconditional model, $w = 1$ the conditional one and $w > 1$ pushes further
 along the direction the condition adds. Because every parametrization is an affine function
 of the $x_0$-prediction with the same coefficients for both branches
-(:mod:`stepdiff.parametrize`), the guided prediction is the same whichever target the network
+({mod}`stepdiff.parametrize`), the guided prediction is the same whichever target the network
 was trained on; in score form it is the score of the tilted density
 $p_t(x)\,p_t(c\mid x)^w$:
 
 $$\nabla\log p_t(x) + w\big(\nabla\log p_t(x\mid c) - \nabla\log p_t(x)\big).$$
 
-:class:`ClassifierFreeGuidance` wraps a model called ``model(x, t, y=..., context=...,
+{class}`ClassifierFreeGuidance` wraps a model called ``model(x, t, y=..., context=...,
 context_mask=...)`` into a callable ``guided(x, t)`` that any sampler of
-:mod:`stepdiff.samplers` accepts; the samplers never learn about conditions. Two refinements:
+{mod}`stepdiff.samplers` accepts; the samplers never learn about conditions. Two refinements:
 
 - **guidance rescale** $\varphi$ (Lin et al. 2024, §3.4): pull the per-sample standard deviation of
   the guided prediction back to that of the conditional one, then mix by $\varphi$;
@@ -99,7 +99,7 @@ class ClassifierFreeGuidance:
     - ``y``: class ids, an ``int`` (the same class for every sample) or a ``LongTensor [B]``; the
       null condition is ``null`` if given, else ``model.null_class``;
     - ``y``: token ids ``LongTensor [B, L]`` for a text-conditioned model (which embeds them
-      itself, e.g. :class:`stepdiff.models.TextConditioned`); ``null``: token rows ``[L']`` or
+      itself, e.g. {class}`stepdiff.models.TextConditioned`); ``null``: token rows ``[L']`` or
       ``[B, L']`` (e.g. the tokenizer's ``empty(B)``), by default ``model.null_ids``; rows of
       different lengths are right-padded with ``pad_id`` (by default ``model.pad_id``);
     - ``context`` ``[B, L, D]`` with ``context_mask`` ``BoolTensor [B, L]`` (``True`` = real token;
@@ -122,7 +122,7 @@ class ClassifierFreeGuidance:
     rescales whatever the network predicts, usually $\varepsilon$; some ports rescale
     $\hat x_0$), and ``rescale_on`` picks any of them. When ``prediction`` (what the model returns) differs from
     ``rescale_on``, both branches and the guided prediction are converted to ``rescale_on`` with
-    :func:`stepdiff.parametrize.conversion_coefficients` (which needs ``schedule``), rescaled, and
+    {func}`stepdiff.parametrize.conversion_coefficients` (which needs ``schedule``), rescaled, and
     converted back. $\varphi = 0$ is plain guidance; $\varphi = 1$ gives each sample exactly the
     conditional prediction's standard deviation (in the ``rescale_on`` space).
 
