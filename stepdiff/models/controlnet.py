@@ -194,11 +194,20 @@ class ControlNet(nn.Module):
             for handle in handles:
                 handle.remove()
 
-    def bind(self, control: Tensor, **kwargs) -> Callable[[Tensor, Tensor], Tensor]:
-        """``model(x, t)`` with ``control`` (and ``y``, ``context``, ``scale``, ...) fixed, for a sampler."""
+    def bind(self, control: Tensor, **kwargs) -> Callable[..., Tensor]:
+        r"""``model(x, t, ...)`` with ``control`` (and ``scale``, ...) fixed, for a sampler or a guidance wrapper.
 
-        def bound(x: Tensor, t: Tensor) -> Tensor:
-            return self(x, t, control=control, **kwargs)
+        When the batch of ``x`` is $k$ times that of ``control`` (classifier-free guidance stacks the
+        conditional and the unconditional rows, $k = 2$), the control map is repeated $k$ times along
+        the batch, so both branches see it.
+        """
+
+        def bound(x: Tensor, t: Tensor, *args, **more) -> Tensor:
+            c = control
+            if isinstance(c, Tensor) and c.ndim == 4 and x.shape[0] != c.shape[0] and c.shape[0] \
+                    and x.shape[0] % c.shape[0] == 0:
+                c = c.repeat(x.shape[0] // c.shape[0], 1, 1, 1)
+            return self(x, t, *args, control=c, **kwargs, **more)
 
         return bound
 
@@ -233,17 +242,22 @@ def controlnet_loss(
     *,
     prediction: str = "eps",
     y: Tensor | None = None,
+    context: Tensor | None = None,
+    context_mask: Tensor | None = None,
     generator: torch.Generator | None = None,
     t_min: float = 0.0,
     t_max: float = 1.0,
 ) -> Tensor:
     r"""The diffusion loss of the base's parametrisation with the control map given:
     $\mathbb E\,\tfrac1D\|f(x_t, t, c) - (A_tx_0 + B_t\varepsilon)\|^2$ ({func}`stepdiff.train.diffusion_loss`).
-    Only the ControlNet's own parameters receive gradients."""
+    ``y``, ``context``, ``context_mask``: the base's conditions (a text-conditioned base gets the
+    context of its frozen text encoder). Only the ControlNet's own parameters receive gradients."""
     from ..train import diffusion_loss
 
+    extra = {k: v for k, v in (("context", context), ("context_mask", context_mask)) if v is not None}
+
     def denoiser(x: Tensor, t: Tensor, *label: Tensor) -> Tensor:
-        return model(x, t, *label, control=control)
+        return model(x, t, *label, control=control, **extra)
 
     return diffusion_loss(denoiser, x0, schedule, prediction=prediction, y=y, generator=generator,
                           t_min=t_min, t_max=t_max)

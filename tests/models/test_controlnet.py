@@ -149,6 +149,22 @@ def test_bind_and_shapes():
     assert out.shape == x.shape and out.dtype == x.dtype
 
 
+def test_bind_repeats_the_control_for_guidance():
+    """Classifier-free guidance stacks conditional and unconditional rows; the bound control map follows."""
+    from stepdiff.guidance import ClassifierFreeGuidance
+
+    net = ControlNet(_trained_like_base(n_classes=3))
+    with torch.no_grad():
+        for p in [*net.zero_convs.parameters(), *net.zero_mid.parameters(), *net.hint.parameters()]:
+            p.normal_(0.0, 0.1)
+    control, x, t = _controls(2), torch.randn(2, 3, 8, 8), torch.tensor([0.4, 0.4])
+    y = torch.tensor([0, 2])
+    with torch.no_grad():
+        guided = ClassifierFreeGuidance(net.bind(control), 2.0, y=y, null=net.null_class)(x, t)
+        cond, uncond = net(x, t, y, control=control), net(x, t, torch.full((2,), 3), control=control)
+    torch.testing.assert_close(guided, uncond + 2.0 * (cond - uncond), rtol=1e-5, atol=1e-6)
+
+
 def test_bad_control_maps_and_bases():
     net = ControlNet(_trained_like_base(), hint_channels=1)
     x, t = torch.randn(2, 3, 8, 8), torch.tensor([0.3, 0.6])
