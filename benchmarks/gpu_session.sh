@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, for one lease of a GPU machine, in named steps:
 #
-#   bash benchmarks/gpu_session.sh all                  # everything below, in order (about 10 minutes)
+#   bash benchmarks/gpu_session.sh all                  # everything below, in order (about 15 minutes:
+#                                                       # over one device call, so run it as the two calls
+#                                                       # of benchmarks/NOTES.md)
 #   bash benchmarks/gpu_session.sh tests fused          # GPU tests, then the fused-kernel benchmark
 #   bash benchmarks/gpu_session.sh warm attention attention-graph
 #
@@ -17,7 +19,7 @@
 #   norm             GroupNorm+SiLU and adaLN modulate vs eager and torch.compile         NORM_S
 #   host             benchmarks/host_cost.py (stand-in driver, this machine's CPU)        HOST_S
 #   sweep            fused kernels: tile sweep and real per-call host time               SWEEP_S
-#   end-to-end       benchmarks/bench_end_to_end.py if it exists (needs the models)       E2E_S
+#   end-to-end       benchmarks/bench_end_to_end.py: 50 DDIM steps, bf16, UNet and DiT-B/2  E2E_S
 #   targets          issue 17's targets, pass / fail / unmeasured, from the results
 # `all` runs tests warm fused attention attention-graph norm host end-to-end targets.
 # Logs and the results files are copied to $OUT (the device tool's return folder) when it is
@@ -40,7 +42,7 @@ for step in "${steps[@]}"; do
         tests)
             # In parallel processes (pytest-xdist): the attention tests are dominated by
             # compiling the autotuner's candidates, which one process does one at a time.
-            timeout -k 10 "${TESTS_S:-170}" $py -m pytest tests/gpu -v -rfEs -p no:cacheprovider \
+            timeout -k 10 "${TESTS_S:-200}" $py -m pytest tests/gpu -v -rfEs -p no:cacheprovider \
                 -n "${TEST_JOBS:-12}" --timeout=160 --durations=15 2>&1 | tee "$out/gpu_tests.log" ;;
         warm)
             timeout -k 10 "${WARM_S:-60}" $py benchmarks/warm_attention.py ${ATTN_ARGS:-} 2>&1 | tee "$out/warm_attention.log" ;;
@@ -63,16 +65,13 @@ for step in "${steps[@]}"; do
         sweep)
             timeout -k 10 "${SWEEP_S:-150}" $py benchmarks/sweep_fused.py --out "$out/sweep_fused.json" 2>&1 | tee "$out/sweep_fused.log" ;;
         end-to-end)
-            # ---- End to end (issue 17): 50 DDIM steps at batch 256 in bf16, the package's UNet
-            # ('ddpm-cifar') and DiT-B/2, eager vs torch.compile vs the kernels in one CUDA graph.
-            # benchmarks/bench_end_to_end.py is written with the models (not by this script's
-            # owner); until it exists this step measures nothing and says so.
-            if [ -f benchmarks/bench_end_to_end.py ]; then
-                timeout -k 10 "${E2E_S:-240}" $py benchmarks/bench_end_to_end.py ${E2E_ARGS:-} 2>&1 | tee "$out/bench_end_to_end.log"
-            else
-                echo "end-to-end: benchmarks/bench_end_to_end.py does not exist yet; nothing measured" | tee "$out/bench_end_to_end.log"
-                true
-            fi ;;
+            # End to end (issue 17): 50 DDIM steps in bf16, the package's 'ddpm-cifar' UNet at
+            # batch 256 (eager, the fast path with and without its graph, torch.compile last) and
+            # DiT-B/2 at 1024 tokens (batch 256) and 4096 tokens (batch 64), eager vs the fast path
+            # (stepdiff.fast: the kernels, channels-last, the whole loop in one CUDA graph). Records
+            # are written after each implementation, so a step stopped at its limit keeps what it
+            # measured. E2E_ARGS="--cases unet" (or dit) runs one model, e.g. to split the step.
+            timeout -k 10 "${E2E_S:-300}" $py benchmarks/bench_end_to_end.py ${E2E_ARGS:-} 2>&1 | tee "$out/bench_end_to_end.log" ;;
         targets)
             $py benchmarks/targets.py --host "$out/host_cost_gpu_host.json" 2>&1 | tee "$out/targets.log" ;;
         *) echo "unknown step: $step (all, tests, warm, fused, attention, attention-graph, norm, host, sweep, end-to-end, targets)"; exit 2 ;;

@@ -3,9 +3,9 @@
     python benchmarks/targets.py                                  # this device's results file
     python benchmarks/targets.py benchmarks/results/NVIDIA_H100_80GB_HBM3.json --host host_cost.json
 
-Reads the records that bench_fused.py, bench_attention.py (per call, and with ``--graph``) and
-host_cost.py write, and checks each target of the issue against them. A target whose records
-are missing is reported as unmeasured, never as passed. Exit status 0 whatever the verdicts (a
+Reads the records that bench_fused.py, bench_attention.py (per call, and with ``--graph``),
+bench_end_to_end.py and host_cost.py write, and checks each target of the issue against them.
+A target whose records are missing is reported as unmeasured, never as passed. Exit status 0 whatever the verdicts (a
 GPU session should go on to its next step); ``--strict`` exits 1 if any target failed.
 """
 
@@ -89,6 +89,35 @@ def attention_targets(records) -> list[tuple[str, float | None, str, bool | None
     return out
 
 
+# End to end (bench_end_to_end.py): the fast path's ratios of medians, by case: (case, against, bound).
+E2E_TARGETS = [
+    ("unet-ddpm-cifar", "eager", 2.5),
+    ("unet-ddpm-cifar", "compile", 1.3),
+    ("dit-B/2-1024", "eager", 1.3),
+    ("dit-B/2-4096", "eager", 1.3),
+]
+E2E_BATCH = 256  # the issue's batch; a record at another batch says so in the target's name
+
+
+def end_to_end_targets(records) -> list[tuple[str, float | None, str, bool | None]]:
+    """50 DDIM steps in bf16: the UNet's fast path at least 2.5x its eager loop and 1.3x
+    torch.compile, DiT-B/2's at least 1.3x eager at 1024 and 4096 tokens. Records of other step
+    counts, or of smoke runs, do not count."""
+    out = []
+    for case, against, bound in E2E_TARGETS:
+        fast = [r for r in records if r["kernel"] == f"e2e-{case}" and r["impl"] == "fast"
+                and r.get("steps") == 50 and not r.get("smoke")]
+        # The issue's batch if measured, else the largest measured.
+        fast.sort(key=lambda r: (r["shape"][0] == E2E_BATCH, r["shape"][0]))
+        record = fast[-1] if fast else None
+        value = None if record is None else record.get(f"vs_{against}")
+        name = f"e2e {case}, {'torch.compile' if against == 'compile' else against}: fast x"
+        if record is not None and record["shape"][0] != E2E_BATCH:
+            name += f" (batch {record['shape'][0]})"
+        out.append((name, value, f">= {bound:g}", None if value is None else value >= bound))
+    return out
+
+
 def host_targets(report: dict | None) -> list[tuple[str, float | None, str, bool | None]]:
     if report is None:
         return [("host cost per call (host_cost.py)", None, f"< {HOST_TARGET_US:g} us", None)]
@@ -106,7 +135,7 @@ def main(argv=None) -> int:
     path = args.results or RESULTS_DIR / f"{device_slug()}.json"
     records = json.loads(path.read_text())["records"] if path.exists() else []
     host = json.loads(args.host.read_text()) if args.host and args.host.exists() else None
-    rows = fused_targets(records) + attention_targets(records) + host_targets(host)
+    rows = fused_targets(records) + attention_targets(records) + end_to_end_targets(records) + host_targets(host)
     print(f"issue 17 targets from {path}{'' if path.exists() else ' (missing)'}")
     for name, value, bound, verdict in rows:
         shown = "-" if value is None else f"{value:.3g}"
