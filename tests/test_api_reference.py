@@ -113,7 +113,6 @@ PENDING = {
     "stepdiff.schedules": "RST roles",
     "stepdiff.shapes": "formulas; RST roles",
     "stepdiff.text": "RST roles",
-    "stepdiff.train": "RST roles",
 }
 MATH = re.compile(r"\$[^$\s][^$]*\$|\$\$.+?\$\$|```\{math\}", re.S)
 #: A docstring that was not a raw string: "\f", "\b", "\a", "\v" turned into control characters.
