@@ -93,6 +93,11 @@ MODULES_WITHOUT_FORMULAS = {
     "stepdiff.text": "a tokenizer",
     "stepdiff.image_data": "image data-set loaders",
     "stepdiff.kernels.launch": "kernel-launch plumbing",
+    "stepdiff.config": "run configurations",
+    "stepdiff.checkpoints": "checkpoint files and their provenance records",
+    "stepdiff.runs": "the command's subcommands as functions",
+    "stepdiff.pretrained": "loading committed models",
+    "stepdiff.cli": "the command line",
 }
 #: Modules whose docstrings do not yet follow these rules, left to the engineers editing them
 #: (their docstrings were not changed by the API-reference pass). Strict: a module that passes

@@ -1,0 +1,590 @@
+r"""Run configurations: what ``stepdiff train`` reads from a TOML file, checked and completed.
+
+A configuration is a small TOML file (the package ships its own in ``stepdiff/configs/``, found
+by name with {func}`find_config`) whose tables say what to train:
+
+```toml
+name = "digits-unet"        # the run's name
+kind = "diffusion"          # or "classifier" (an evaluation classifier)
+
+[data]                      # digits | shapes | image-folder | mnist | fashion-mnist | cifar10
+name = "digits"
+size = 16
+condition = "class"         # none | class | text (text: the shapes captions)
+
+[model]                     # unet | dit, a preset, and any field of its config changed
+arch = "unet"
+preset = "tiny"
+channels = 32
+
+[objective]                 # schedule, what the network predicts, the loss weighting
+schedule = "vp-cosine"
+prediction = "v"
+weighting = "min-snr"
+
+[train]                     # stepdiff.train.train's arguments, and the CPU threads
+steps = 4000
+batch_size = 128
+
+[sample]                    # the defaults of `stepdiff sample` and `stepdiff evaluate`
+sampler = "ddim"
+steps = 30
+```
+
+{func}`resolve` fills every missing key with its default ({data}`DEFAULTS`) and refuses an
+unknown table, key, dataset, architecture or value with an error that names it, so that a
+typo never trains the wrong model quietly. The resolved dictionary is what a checkpoint stores,
+and {func}`build_model`, {func}`build_data` and {func}`build_objective` turn it back into the
+objects, so a checkpoint alone rebuilds its model.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from dataclasses import dataclass, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+__all__ = [
+    "KINDS",
+    "DATASETS",
+    "CONDITIONS",
+    "ARCHS",
+    "CLASSIFIER_ARCHS",
+    "WEIGHTINGS",
+    "AUTOCAST",
+    "DEFAULTS",
+    "ConfigError",
+    "config_names",
+    "find_config",
+    "load_config",
+    "resolve",
+    "set_value",
+    "TrainingData",
+    "build_data",
+    "held_out_data",
+    "build_model",
+    "build_objective",
+    "autocast_dtype",
+]
+
+KINDS = ("diffusion", "classifier")
+DATASETS = ("digits", "shapes", "image-folder", "mnist", "fashion-mnist", "cifar10")
+CONDITIONS = ("none", "class", "text")
+ARCHS = ("unet", "dit")
+CLASSIFIER_ARCHS = ("digits-cnn", "digits-mlp", "shapes-cnn")
+WEIGHTINGS = ("none", "min-snr")
+AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# Scenes of the "shapes" data: the generator trains on seed 0 and is evaluated against the
+# classifiers' held-out seed (stepdiff.classifiers.SHAPES_HELD_OUT_SEED), which neither the
+# generator nor the classifier saw.
+SHAPES_GENERATOR_SEED = 0
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be run; the message names the table and key."""
+
+
+_DATA = {
+    "name": "digits",
+    "size": None,  # digits: 8 or 16; shapes: 32 (or 16); image-folder: required; mnist/cifar: native
+    "condition": "none",
+    "path": None,  # image-folder, mnist, fashion-mnist, cifar10: where the files are
+    "split": "train",  # mnist, fashion-mnist, cifar10: train | test (the digits train on their training split)
+    "n_classes": None,  # class conditioning: set from the data (an image folder: its sub-folders)
+    "n": 20_000,  # shapes: number of training scenes
+    "n_held_out": 2_000,  # shapes: held-out scenes for evaluation (and the classifier's held-out scores)
+    "n_objects": [1, 3],  # shapes: objects per scene, an inclusive range
+    "caption_style": "mixed",  # shapes: positional | relational | mixed
+    "channels": 3,  # image-folder: 1 or 3
+    "pad": 0,  # mnist, fashion-mnist: background added on every side (2 gives 32x32)
+}
+_MODEL_DIFFUSION = {"arch": "unet", "preset": "tiny", "text": {}}
+_TEXT = {"dim": 64, "depth": 2, "heads": 4}
+_MODEL_CLASSIFIER = {"arch": "digits-cnn", "width": None, "feature_dim": None, "hidden": None}
+_OBJECTIVE = {
+    "schedule": "vp-cosine",
+    "schedule_args": {},
+    "prediction": "v",
+    "weighting": "none",
+    "min_snr_gamma": 5.0,
+}
+_TRAIN_DIFFUSION = {
+    "steps": 1000,
+    "batch_size": 128,
+    "lr": 1e-3,
+    "lr_warmup": 0,
+    "lr_decay": "constant",
+    "grad_clip": 1.0,
+    "ema_decay": 0.999,
+    "seed": 0,
+    "label_dropout": 0.0,
+    "micro_batches": 1,
+    "autocast": "none",
+    "threads": 0,  # 0: leave torch's default
+    "checkpoint_every": 0,  # 0: only at the end
+}
+_TRAIN_CLASSIFIER = {
+    "steps": 1500,
+    "batch_size": 128,
+    "lr": 2e-3,
+    "weight_decay": 1e-4,
+    "shift": None,  # pixels of random shift; None: 1 at 8x8, 2 above
+    "noise": 0.05,
+    "seed": 0,
+    "threads": 0,
+}
+_SAMPLE = {
+    "sampler": "ddim",
+    "steps": 50,
+    "spacing": "uniform",
+    "t_max": 1.0,
+    "guidance": 1.0,
+    "rescale": 0.0,
+    "interval": [],  # [t_lo, t_hi]: guide only inside; empty: everywhere
+}
+_EVALUATE = {
+    "classifier": "",  # a committed classifier's name or a path; empty: chosen by the dataset
+    "n": 1000,
+    "guidance": [],  # the sweep of w; empty: [0, the sample table's guidance]
+    "batch_size": 250,
+    "seed": 1,
+}
+
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "diffusion": {
+        "data": _DATA,
+        "model": _MODEL_DIFFUSION,
+        "objective": _OBJECTIVE,
+        "train": _TRAIN_DIFFUSION,
+        "sample": _SAMPLE,
+        "evaluate": _EVALUATE,
+    },
+    "classifier": {"data": _DATA, "model": _MODEL_CLASSIFIER, "train": _TRAIN_CLASSIFIER},
+}
+"""Every table of a configuration of each kind, with the default of each key."""
+
+
+# --- finding and reading configurations -------------------------------------------------------
+
+
+def _configs_dir():
+    return resources.files("stepdiff").joinpath("configs")
+
+
+def config_names() -> list[str]:
+    """The configurations shipped with the package (``stepdiff/configs/*.toml``), by name."""
+    folder = _configs_dir()
+    if not folder.is_dir():
+        return []
+    return sorted(p.name[: -len(".toml")] for p in folder.iterdir() if p.name.endswith(".toml"))
+
+
+def find_config(name_or_path: str | Path) -> Path | Any:
+    """A configuration file: an existing path, or the name of a shipped one (``digits-unet``)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    if path.suffix in ("", ".toml") and path.parent == Path("."):
+        shipped = _configs_dir().joinpath(path.stem + ".toml")
+        if shipped.is_file():
+            return shipped
+    raise FileNotFoundError(
+        f"no configuration {str(name_or_path)!r}: not a file, and not one of the shipped configurations "
+        f"{config_names()}"
+    )
+
+
+def load_config(name_or_path: str | Path) -> dict:
+    """Read a TOML configuration (a path or a shipped name) and {func}`resolve` it."""
+    source = find_config(name_or_path)
+    try:
+        raw = tomllib.loads(source.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{name_or_path}: not valid TOML: {err}") from None
+    return resolve(raw, source=str(name_or_path))
+
+
+def set_value(config: dict, assignment: str) -> dict:
+    """Apply one ``table.key=value`` override (the value in TOML syntax, or a bare word) to a raw
+    configuration dict, in place; returns it. ``train.lr=3e-4``, ``model.channel_mult=[1, 2]``,
+    ``data.name=shapes``."""
+    if "=" not in assignment:
+        raise ConfigError(f"an override is table.key=value; got {assignment!r}")
+    dotted, text = assignment.split("=", 1)
+    keys = [k.strip() for k in dotted.strip().split(".")]
+    if not all(keys):
+        raise ConfigError(f"an override is table.key=value; got {assignment!r}")
+    try:
+        value = tomllib.loads(f"v = {text.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text.strip()  # a bare word: a string
+    node = config
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted}: {k} is not a table")
+    node[keys[-1]] = value
+    return config
+
+
+# --- resolving: defaults, names and types checked ---------------------------------------------
+
+
+def _type_ok(value: Any, default: Any) -> bool:
+    if default is None:
+        return True
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, (list, tuple)):
+        return isinstance(value, (list, tuple))
+    return isinstance(value, type(default))
+
+
+def _merge(table: str, given: Any, defaults: dict, open_keys: bool = False) -> dict:
+    if not isinstance(given, dict):
+        raise ConfigError(f"[{table}] must be a table; got {given!r}")
+    out = copy.deepcopy(defaults)
+    for key, value in given.items():
+        if key not in defaults:
+            if open_keys:
+                out[key] = value
+                continue
+            raise ConfigError(f"unknown key {key!r} in [{table}]; the keys are {sorted(defaults)}")
+        if not _type_ok(value, defaults[key]):
+            raise ConfigError(
+                f"[{table}] {key} must be a {type(defaults[key]).__name__}; got {value!r}"
+            )
+        out[key] = float(value) if isinstance(defaults[key], float) else value
+    return out
+
+
+def _choice(table: str, key: str, value: Any, options) -> None:
+    if value not in options:
+        raise ConfigError(f"unknown {key} {value!r} in [{table}]; choose one of {list(options)}")
+
+
+def resolve(raw: dict, *, source: str = "the configuration") -> dict:
+    """Fill in every default and check names and types; returns a new, complete configuration.
+
+    Raises {class}`ConfigError` naming the table and key of anything unknown or ill-typed: an
+    unknown dataset, architecture, preset, schedule, prediction, weighting or sampler, an unknown
+    key, a wrong type. Model fields beyond ``arch``/``preset``/``text`` are changes to the preset's
+    config dataclass, checked against its fields.
+    """
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: a configuration is a table; got {type(raw).__name__}")
+    raw = copy.deepcopy(raw)
+    kind = raw.pop("kind", "diffusion")
+    _choice("top level", "kind", kind, KINDS)
+    name = raw.pop("name", "run")
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"{source}: name must be a non-empty string; got {name!r}")
+    tables = DEFAULTS[kind]
+    unknown = sorted(set(raw) - set(tables))
+    if unknown:
+        raise ConfigError(f"{source}: unknown table(s) {unknown} for kind {kind!r}; the tables are {sorted(tables)}")
+    cfg: dict[str, Any] = {"name": name, "kind": kind}
+    for table, defaults in tables.items():
+        cfg[table] = _merge(table, raw.get(table, {}), defaults, open_keys=(table == "model" and kind == "diffusion"))
+
+    data = cfg["data"]
+    _choice("data", "name", data["name"], DATASETS)
+    _choice("data", "condition", data["condition"], CONDITIONS)
+    if data["name"] in ("image-folder", "mnist", "fashion-mnist", "cifar10") and not data["path"]:
+        raise ConfigError(f"[data] name = {data['name']!r} needs path (the folder holding its files)")
+    if data["name"] == "image-folder" and not data["size"]:
+        raise ConfigError("[data] name = 'image-folder' needs size (the side the images are resized to)")
+    if data["condition"] == "text" and data["name"] != "shapes":
+        raise ConfigError(f"[data] condition = 'text' needs captions: only the shapes data has them, "
+                          f"not {data['name']!r}")
+    lo_hi = data["n_objects"]
+    if not (len(lo_hi) == 2 and all(isinstance(v, int) for v in lo_hi) and 1 <= lo_hi[0] <= lo_hi[1] <= 3):
+        raise ConfigError(f"[data] n_objects must be [lo, hi] with 1 <= lo <= hi <= 3; got {lo_hi!r}")
+    data["n_objects"] = list(lo_hi)
+
+    if kind == "diffusion":
+        _resolve_diffusion(cfg)
+    else:
+        _choice("model", "arch", cfg["model"]["arch"], CLASSIFIER_ARCHS)
+        wants = "shapes" if cfg["model"]["arch"] == "shapes-cnn" else "digits"
+        if data["name"] != wants:
+            raise ConfigError(f"[model] arch = {cfg['model']['arch']!r} reads {wants} data, not {data['name']!r}")
+        _positive(cfg["train"], "train", ("steps", "batch_size"))
+    return cfg
+
+
+def _positive(table: dict, name: str, keys) -> None:
+    for key in keys:
+        if table[key] < 1:
+            raise ConfigError(f"[{name}] {key} must be a positive integer; got {table[key]!r}")
+
+
+def _resolve_diffusion(cfg: dict) -> None:
+    from .parametrize import PREDICTIONS
+    from .samplers import SAMPLERS
+    from .schedules import SCHEDULES, SPACINGS
+    from .train import LR_DECAYS
+
+    model, obj, train, sample, data = cfg["model"], cfg["objective"], cfg["train"], cfg["sample"], cfg["data"]
+    _choice("model", "arch", model["arch"], ARCHS)
+    model["text"] = _merge("model.text", model["text"], _TEXT)
+    _model_config(cfg)  # checks the preset and the changes
+    _choice("objective", "schedule", obj["schedule"], SCHEDULES)
+    _choice("objective", "prediction", obj["prediction"], PREDICTIONS)
+    _choice("objective", "weighting", obj["weighting"], WEIGHTINGS)
+    _choice("train", "lr_decay", train["lr_decay"], LR_DECAYS)
+    _choice("train", "autocast", train["autocast"], AUTOCAST)
+    _choice("sample", "sampler", sample["sampler"], SAMPLERS)
+    _choice("sample", "spacing", sample["spacing"], SPACINGS)
+    _positive(train, "train", ("steps", "batch_size", "micro_batches"))
+    _positive(sample, "sample", ("steps",))
+    if not 0.0 <= train["label_dropout"] <= 1.0:
+        raise ConfigError(f"[train] label_dropout must lie in [0, 1]; got {train['label_dropout']}")
+    if train["label_dropout"] > 0 and data["condition"] == "none":
+        raise ConfigError("[train] label_dropout > 0 needs a conditional model ([data] condition = 'class' or 'text')")
+    if sample["guidance"] < 0:
+        raise ConfigError(f"[sample] guidance (w) must be >= 0; got {sample['guidance']}")
+    if any(w < 0 for w in cfg["evaluate"]["guidance"]):
+        raise ConfigError(f"[evaluate] guidance values (w) must be >= 0; got {cfg['evaluate']['guidance']}")
+    if sample["interval"] and len(sample["interval"]) != 2:
+        raise ConfigError(f"[sample] interval must be [] or [t_lo, t_hi]; got {sample['interval']!r}")
+    try:
+        build_objective(cfg)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"[objective]: {err}") from None
+
+
+# --- building the objects ---------------------------------------------------------------------
+
+
+def autocast_dtype(cfg: dict) -> torch.dtype | None:
+    """The ``torch.autocast`` dtype of ``[train] autocast`` (``None`` for ``"none"``)."""
+    return AUTOCAST[cfg["train"].get("autocast", "none")]
+
+
+def build_objective(cfg: dict):
+    """``(schedule, prediction, weighting)`` of a diffusion configuration's ``[objective]``."""
+    from .schedules import get_schedule
+    from .train import min_snr_weighting
+
+    obj = cfg["objective"]
+    schedule = get_schedule(obj["schedule"], **obj["schedule_args"])
+    weighting = None
+    if obj["weighting"] == "min-snr":
+        weighting = min_snr_weighting(schedule, obj["prediction"], obj["min_snr_gamma"])
+    return schedule, obj["prediction"], weighting
+
+
+@dataclass
+class TrainingData:
+    """What a run trains on: ``images [N, C, H, W]`` in $[-1, 1]$, ``labels`` (class ids ``[N]``,
+    token rows ``[N, L]`` or ``None``), the class names and, for shapes, the captions."""
+
+    images: Tensor
+    labels: Tensor | None
+    classes: list[str]
+    captions: list[str] | None = None
+    targets: Tensor | None = None  # shapes: [N, 9, 3]
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.images.shape[1:])
+
+
+def _digits_size(data: dict) -> int:
+    size = data["size"] or 8
+    if size not in (8, 16):
+        raise ConfigError(f"[data] size must be 8 or 16 for the digits; got {size!r}")
+    return size
+
+
+def _shapes_size(data: dict) -> int:
+    size = data["size"] or 32
+    if size not in (16, 32):
+        raise ConfigError(f"[data] size must be 32 (or 16) for the shapes; got {size!r}")
+    return size
+
+
+def build_data(cfg: dict) -> TrainingData:
+    """The training data of a configuration (its ``[data]`` table), labelled as ``condition`` asks.
+
+    - ``digits``: the 1497 training digits of {func}`stepdiff.image_data.load_digits` at ``size``;
+    - ``shapes``: ``n`` scenes of {func}`stepdiff.shapes.make_shapes` (seed 0; a classifier run uses
+      {data}`stepdiff.classifiers.SHAPES_TRAIN_SEED`), class labels the first object's shape,
+      text labels the captions tokenized by {class}`stepdiff.text.Tokenizer`;
+    - ``image-folder``, ``mnist``, ``fashion-mnist``, ``cifar10``: the files under ``path``.
+    """
+    from . import image_data
+
+    data = cfg["data"]
+    name, condition = data["name"], data["condition"]
+    captions = targets = None
+    if name == "digits":
+        s = image_data.load_digits("train", size=_digits_size(data))
+        images, labels, classes = s.images, s.labels, s.classes
+    elif name == "shapes":
+        from .classifiers import SHAPES_TRAIN_SEED
+        from .shapes import make_shapes
+
+        seed = SHAPES_TRAIN_SEED if cfg["kind"] == "classifier" else SHAPES_GENERATOR_SEED
+        d = make_shapes(data["n"], seed=seed, size=_shapes_size(data), n_objects=tuple(data["n_objects"]),
+                        caption_style=data["caption_style"], masks=False)
+        images, labels, classes, captions, targets = d.images, d.labels, d.classes, d.captions, d.targets
+        if condition == "text":
+            from .text import Tokenizer
+
+            labels = Tokenizer().encode(captions)
+    elif name == "image-folder":
+        s = image_data.load_image_folder(data["path"], data["size"], data["channels"])
+        images, labels, classes = s.images, s.labels, s.classes
+    elif name in ("mnist", "fashion-mnist"):
+        load = image_data.load_mnist if name == "mnist" else image_data.load_fashion_mnist
+        s = load(data["path"], data["split"], pad=data["pad"])
+        images, labels, classes = s.images, s.labels, s.classes
+    else:
+        s = image_data.load_cifar10(data["path"], data["split"])
+        images, labels, classes = s.images, s.labels, s.classes
+    if condition == "none" and cfg["kind"] == "diffusion":
+        labels = None
+    return TrainingData(images, labels, list(classes), captions, targets)
+
+
+def held_out_data(cfg: dict) -> TrainingData:
+    """Real images the run never trained on, for evaluation: the 300 held-out digits, or
+    ``n_held_out`` shapes scenes of the classifiers' held-out seed from the training distribution
+    (with their captions and targets). Other datasets: their ``test`` split where there is one."""
+    from . import image_data
+
+    data = cfg["data"]
+    name = data["name"]
+    if name == "digits":
+        s = image_data.load_digits("heldout", size=_digits_size(data))
+        return TrainingData(s.images, s.labels, list(s.classes))
+    if name == "shapes":
+        from .classifiers import SHAPES_HELD_OUT_SEED
+        from .shapes import make_shapes
+
+        d = make_shapes(data["n_held_out"], seed=SHAPES_HELD_OUT_SEED, size=_shapes_size(data),
+                        n_objects=tuple(data["n_objects"]), caption_style=data["caption_style"], masks=False)
+        return TrainingData(d.images, d.labels, list(d.classes), d.captions, d.targets)
+    if name in ("mnist", "fashion-mnist", "cifar10"):
+        held = copy.deepcopy(cfg)
+        held["data"]["split"] = "test"
+        held["kind"] = "classifier"  # keep the labels
+        return build_data(held)
+    raise ConfigError(f"no held-out split for [data] name = {name!r}; evaluate needs one")
+
+
+def _model_changes(cfg: dict) -> dict:
+    return {k: v for k, v in cfg["model"].items() if k not in _MODEL_DIFFUSION}
+
+
+def _model_config(cfg: dict, image_channels: int | None = None):
+    """The UNetConfig / DiTConfig of a diffusion configuration (preset plus changes, with the
+    input channels and conditioning set from ``[data]``)."""
+    from .models import DiTConfig, UNetConfig
+
+    model, data = cfg["model"], cfg["data"]
+    cls = UNetConfig if model["arch"] == "unet" else DiTConfig
+    changes = _model_changes(cfg)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(changes) - known)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown} in [model] for arch {model['arch']!r}; "
+                          f"the keys are arch, preset, text and the fields {sorted(known)}")
+    for key in ("in_channels", "n_classes", "context_dim"):
+        if key in changes:
+            raise ConfigError(f"[model] {key} is set from [data] (its images and condition); remove it")
+    changes["in_channels"] = image_channels or _channels(data)
+    if data["condition"] == "class":
+        changes["n_classes"] = _n_classes(data)
+    elif data["condition"] == "text":
+        changes["context_dim"] = model["text"]["dim"]
+    for key, value in list(changes.items()):
+        if isinstance(value, list):
+            changes[key] = tuple(value)
+    try:
+        return cls.preset(model["preset"], **changes)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"[model]: {err}") from None
+
+
+def _channels(data: dict) -> int:
+    return {"digits": 1, "shapes": 3, "mnist": 1, "fashion-mnist": 1, "cifar10": 3}.get(data["name"], data["channels"])
+
+
+def _n_classes(data: dict) -> int:
+    if data["n_classes"]:
+        return data["n_classes"]
+    if data["name"] == "image-folder":
+        raise ConfigError("[data] n_classes is needed for a class-conditional model of an image folder")
+    if data["name"] == "shapes":
+        from .shapes import SHAPES
+
+        return len(SHAPES)
+    return 10  # digits, MNIST, Fashion-MNIST, CIFAR-10 (an image folder: set by its sub-folders)
+
+
+def build_model(cfg: dict, *, seed: int | None = None) -> nn.Module:
+    """The network of a configuration, its initial weights drawn from ``seed`` (default: ``[train]
+    seed``) without touching the global random state.
+
+    Diffusion: a {class}`~stepdiff.models.UNet` or {class}`~stepdiff.models.DiT` (class-conditional
+    with a null class, or wrapped with a {class}`~stepdiff.models.TextEncoder` in a
+    {class}`~stepdiff.models.TextConditioned` for text). Classifier: {class}`~stepdiff.classifiers.DigitsCNN`,
+    {class}`~stepdiff.classifiers.DigitsMLP` or {class}`~stepdiff.classifiers.ShapesClassifier`.
+    """
+    seed = cfg["train"]["seed"] if seed is None else seed
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if cfg["kind"] == "classifier":
+            return _build_classifier(cfg)
+        from .models import DiT, TextConditioned, TextEncoder, UNet
+
+        config = _model_config(cfg)
+        net = (UNet if cfg["model"]["arch"] == "unet" else DiT)(config)
+        if cfg["data"]["condition"] != "text":
+            return net
+        from .text import Tokenizer
+
+        tok, text = Tokenizer(), cfg["model"]["text"]
+        try:
+            encoder = TextEncoder(tok.vocab_size, text["dim"], text["depth"], text["heads"], tok.max_len,
+                                  pad_id=tok.pad_id)
+        except ValueError as err:
+            raise ConfigError(f"[model.text]: {err}") from None
+        return TextConditioned(net, encoder, tok.pad_id, tok.empty(1)[0])
+
+
+def _build_classifier(cfg: dict) -> nn.Module:
+    from .classifiers import DigitsCNN, DigitsMLP, ShapesClassifier
+
+    model = cfg["model"]
+    sizes = {k: model[k] for k in ("width", "feature_dim", "hidden") if model[k] is not None}
+    try:
+        if model["arch"] == "shapes-cnn":
+            sizes.pop("hidden", None)
+            return ShapesClassifier.for_dataset(**sizes)
+        if model["arch"] == "digits-cnn":
+            sizes.pop("hidden", None)
+            return DigitsCNN(image_size=_digits_size(cfg["data"]), **sizes)
+        sizes.pop("width", None)
+        return DigitsMLP(image_size=_digits_size(cfg["data"]), **sizes)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"[model]: {err}") from None
