@@ -153,3 +153,32 @@ def test_bad_arguments_are_named():
     wrong = fast_sampler(lambda x, t: x[:1], schedule, ts, shape)
     with pytest.raises(ValueError, match="the model returned"):
         wrong()
+
+
+def test_warm_up_builds_every_kernel_plan_the_loop_launches(monkeypatch):
+    """Nothing can compile during CUDA-graph capture, so the eager warm-up steps before it must
+    meet every kernel specialization of the loop. With the Triton kernels forced (the interpreter
+    on a CPU: attention, GroupNorm+SiLU, the fused update), the first two steps create every plan
+    (each keyed by what its kernel specializes on) that the remaining steps use; and the loop on
+    the kernels gives the reference loop's samples to float32 rounding."""
+    import importlib
+
+    tables = [importlib.import_module(f"stepdiff.kernels.{name}") for name in
+              ("fused", "norm_triton", "attention", "attention_triton")]
+    model = _unet()
+    schedule = VPLinearSchedule()
+    ts = time_grid(6, schedule=schedule, t_max=0.98)
+    shape = (2, 3, 8, 8)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(6))
+    want = fast_sampler(model, schedule, ts, shape, prediction="eps")(noise)
+    monkeypatch.setenv("STEPDIFF_BACKEND", "triton")
+    fast = fast_sampler(model, schedule, ts, shape, prediction="eps")
+    plans = [tables[0]._PUBLIC_PLANS, tables[1]._PLANS, tables[2]._INFERENCE_PLANS, tables[3]._PLANS]
+    fast._x.copy_(noise)
+    with torch.inference_mode():
+        fast._loop(range(2))  # the warm-up that precedes the capture
+        after_warm_up = [set(table) for table in plans]
+        fast._loop(range(2, fast.n))
+    assert all(after_warm_up)  # every kernel family was planned
+    assert [set(table) - keys for table, keys in zip(plans, after_warm_up, strict=True)] == [set()] * len(plans)
+    torch.testing.assert_close(fast(noise), want, rtol=1e-4, atol=1e-5)
