@@ -22,6 +22,7 @@ DEVICE = "cuda"
 UNET = dict(channels=64, channel_mult=(1, 2), num_res_blocks=1, attn_levels=(1,), heads=2, norm_groups=16,
             scale_shift=False)
 DIT = dict(hidden=128, depth=2, heads=2, patch_size=2, freq_dim=64, n_classes=4)
+BF16_RUN = 2e-2  # relative L2 between two bf16 runs of the same loop that may round differently
 
 
 def _perturbed(model, seed=0):
@@ -59,8 +60,10 @@ def test_unet_replay_equals_the_eager_loop_and_allocates_nothing():
     eager = fast_sampler(model, schedule, ts, shape, prediction="eps", graph=False)(noise)
     want = _reference(lambda **kw: UNet(UNetConfig(**UNET, **kw)), state, noise, schedule, ts, prediction="eps")
     assert torch.isfinite(got).all() and want.abs().max() > 0.1
-    # The same kernels on the same inputs; only library choices inside a capture may differ.
-    assert _rel(got, eager) < 2e-3, _rel(got, eager)
+    # The same kernels on the same inputs; only library choices inside a capture (cuBLAS, cuDNN)
+    # may differ, by bf16 roundings (2^-8 relative) carried through the steps. A wrong buffer,
+    # stale weights or a missing step are off by order one.
+    assert _rel(got, eager) < BF16_RUN, _rel(got, eager)
     # bf16 keeps 8 significant bits; through the network and 20 steps, a few percent.
     assert _rel(got, want) < 0.05, _rel(got, want)
     torch.cuda.synchronize()
@@ -75,7 +78,7 @@ def test_unet_replay_equals_the_eager_loop_and_allocates_nothing():
         model.conv_out.weight.mul_(2.0)
     moved = fast(noise)
     assert not torch.equal(moved, got)
-    assert _rel(moved, fast_sampler(model, schedule, ts, shape, prediction="eps", graph=False)(noise)) < 2e-3
+    assert _rel(moved, fast_sampler(model, schedule, ts, shape, prediction="eps", graph=False)(noise)) < BF16_RUN
 
 
 def test_class_conditional_dit_with_noise_in_the_steps():
@@ -99,7 +102,7 @@ def test_class_conditional_dit_with_noise_in_the_steps():
     assert torch.isfinite(first).all() and not torch.equal(first, second) and torch.equal(first, again)
     deterministic = fast_sampler(model, schedule, ts, shape, prediction="velocity", model_kwargs={"y": y})
     eager = fast_sampler(model, schedule, ts, shape, prediction="velocity", model_kwargs={"y": y}, graph=False)
-    assert _rel(deterministic(noise), eager(noise)) < 2e-3
+    assert _rel(deterministic(noise), eager(noise)) < BF16_RUN
     want = _reference(lambda **kw: DiT(DiTConfig(**DIT, **kw)), model.state_dict(), noise, schedule, ts,
                       model_kwargs={"y": y}, prediction="velocity")
     assert want.abs().max() > 0.1 and _rel(deterministic(noise), want) < 0.05
@@ -115,4 +118,4 @@ def test_odd_batches(batch):
     noise = torch.randn(shape, device=DEVICE)
     fast = fast_sampler(model, schedule, ts, shape, prediction="eps")
     eager = fast_sampler(model, schedule, ts, shape, prediction="eps", graph=False)
-    assert _rel(fast(noise), eager(noise)) < 2e-3
+    assert _rel(fast(noise), eager(noise)) < BF16_RUN
