@@ -255,12 +255,7 @@ class Autoencoder(nn.Module):
     def loss(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, dict]:
         r"""The mean over the batch of $\mathcal L(x)/D$ ($D$ pixel values per image), and its parts
         ``{"l1": mean absolute error per pixel, "kl": KL per image}``."""
-        recon, posterior = self(x, generator)
-        D = x[0].numel()
-        l1 = (recon.float() - x.float()).abs().flatten(1).sum(1)
-        kl = posterior.kl().float()
-        total = (l1 + self.config.kl_weight * kl).mean() / D
-        return total, {"l1": float(l1.detach().mean()) / D, "kl": float(kl.detach().mean())}
+        return _loss(self(x, generator), x, self.config.kl_weight)
 
     # --- the scaled latent space of diffusion -------------------------------------------------
 
@@ -323,7 +318,19 @@ def autoencoder_loss(model: Autoencoder, x0: Tensor, y: Tensor | None = None,
     the shape of {func}`stepdiff.train.train`'s ``loss_fn(model, x0, y, generator)``."""
     if y is not None:
         raise ValueError("the autoencoder is unconditional: train it without labels")
-    return model.loss(x0, generator)[0]
+    # Called through forward, so that a DistributedDataParallel wrapper (which hides the model's
+    # other methods in .module) synchronises the gradients.
+    config = getattr(model, "module", model).config
+    return _loss(model(x0, generator), x0, config.kl_weight)[0]
+
+
+def _loss(out: tuple[Tensor, DiagonalGaussian], x: Tensor, kl_weight: float) -> tuple[Tensor, dict]:
+    recon, posterior = out
+    D = x[0].numel()
+    l1 = (recon.float() - x.float()).abs().flatten(1).sum(1)
+    kl = posterior.kl().float()
+    total = (l1 + kl_weight * kl).mean() / D
+    return total, {"l1": float(l1.detach().mean()) / D, "kl": float(kl.detach().mean())}
 
 
 def psnr(x: Tensor, reference: Tensor, data_range: float = 2.0) -> Tensor:

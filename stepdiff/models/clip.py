@@ -259,10 +259,12 @@ def contrastive_loss(logits: Tensor) -> Tensor:
 def clip_loss(model: CLIP, images: Tensor, ids: Tensor | None, generator: torch.Generator | None = None) -> Tensor:
     r"""{func}`contrastive_loss` of $\ell_{ij} = e^s u_i^\top v_j$ for a batch of images ``x0`` and their
     token rows ``y``, in the shape of {func}`stepdiff.train.train`'s ``loss_fn(model, x0, y, generator)``
-    (the generator is not used)."""
+    (the generator is not used). The model is called through its ``forward``, so a
+    ``DistributedDataParallel`` wrapper works; the negatives are then the pairs of each process's
+    micro-batch."""
     if ids is None:
         raise ValueError("the CLIP loss needs captions: pass the token rows as labels")
-    return model.loss(images, ids)
+    return contrastive_loss(model(images, ids))
 
 
 def retrieval_accuracy(

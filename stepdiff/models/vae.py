@@ -260,6 +260,10 @@ class VAE(nn.Module):
         z = self.reparameterise(mean, logvar, samples, generator)
         return ELBO(self.log_likelihood(x, z).mean(0), gaussian_kl(mean, logvar))
 
+    def forward(self, x: Tensor, *, samples: int = 1, generator: torch.Generator | None = None) -> ELBO:
+        r"""The same as {meth}`elbo`: the terms of $\mathcal L(x)$ per image."""
+        return self.elbo(x, samples=samples, generator=generator)
+
     def bits_per_dim(self, x: Tensor, *, samples: int = 1, generator: torch.Generator | None = None) -> Tensor:
         r"""$-\mathcal L(x)/(D\ln 2)$ per image: an upper bound on the bits per dimension of the
         discrete data (discretised likelihood only; see {func}`bits_per_dim` for a density)."""
@@ -306,9 +310,10 @@ class VAE(nn.Module):
 
 def vae_loss(model: VAE, x0: Tensor, y: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
     r"""$-\mathcal L$ in nats per dimension, averaged over the batch (one reparameterised draw per
-    image), in the shape of {func}`stepdiff.train.train`'s ``loss_fn(model, x0, y, generator)``."""
+    image), in the shape of {func}`stepdiff.train.train`'s ``loss_fn(model, x0, y, generator)``. The
+    model is called through its ``forward``, so a ``DistributedDataParallel`` wrapper works."""
     if y is not None:
         raise ValueError("the VAE is unconditional: train it without labels")
-    terms = model.elbo(x0, generator=generator)
-    return -terms.elbo.mean() / model.config.dims
+    terms = model(x0, generator=generator)
+    return -terms.elbo.mean() / x0[0].numel()
 

@@ -155,3 +155,22 @@ def test_short_training_raises_heldout_psnr():
     after = float(psnr(result.model.reconstruct(held), held).mean())
     assert after > before + 2.0, (before, after)
     assert result.losses[-1] < result.losses[0]
+
+
+class _Wrapped(torch.nn.Module):
+    """Stands in for DistributedDataParallel: it exposes forward and .module only."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+def test_autoencoder_loss_goes_through_forward_so_a_ddp_wrapper_works():
+    ae = tiny(5, kl_weight=0.1)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    a = autoencoder_loss(_Wrapped(ae), x, None, torch.Generator().manual_seed(1))
+    b = autoencoder_loss(ae, x, None, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and torch.equal(b, ae.loss(x, torch.Generator().manual_seed(1))[0])

@@ -266,3 +266,21 @@ def test_short_training_on_shapes_lifts_retrieval_far_above_chance():
     assert result.losses[-1] < 0.5 * result.losses[0]
     assert before["text_to_image"] < 0.25 and before["image_to_text"] < 0.25
     assert after["text_to_image"] > 0.6 and after["image_to_text"] > 0.6, after
+
+
+class _Wrapped(torch.nn.Module):
+    """Stands in for DistributedDataParallel: it exposes forward and .module only."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+def test_clip_loss_goes_through_forward_so_a_ddp_wrapper_works():
+    model = tiny(5)
+    x = torch.rand(3, 3, 16, 16) * 2 - 1
+    ids = TOK.encode(["a red circle", "a blue ring", "a small star"])
+    assert torch.equal(clip_loss(_Wrapped(model), x, ids), clip_loss(model, x, ids))

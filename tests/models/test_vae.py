@@ -358,3 +358,25 @@ def test_short_training_on_digits_improves_the_heldout_bound():
     terms = result.model.elbo(held, samples=4, generator=torch.Generator().manual_seed(0))
     assert after < before - 1.0, (before, after)
     assert float(terms.kl.detach().mean()) > 1.0  # the latent is used
+
+
+class _Wrapped(torch.nn.Module):
+    """Stands in for DistributedDataParallel: it exposes forward and .module only."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+def test_vae_loss_goes_through_forward_so_a_ddp_wrapper_works():
+    torch.manual_seed(0)
+    vae = VAE(VAEConfig(hidden=(16,), latent_dim=3))
+    x = load_digits("heldout").images[:5]
+    a = vae_loss(_Wrapped(vae), x, None, torch.Generator().manual_seed(1))
+    b = vae_loss(vae, x, None, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+    terms = vae.elbo(x, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(b, -terms.elbo.mean() / 64)
