@@ -474,7 +474,7 @@ def _launch(kernel, grid, x: Tensor, args, num_warps: int) -> None:
 #
 # A call's key holds everything the checks and Triton's specialization depend on (see
 # stepdiff/kernels/launch.py): each tensor's dtype, shape, device, contiguity and 16-byte
-# alignment, each coefficient's kind (and a tensor's stride), how the noise is given, whether an
+# alignment, each coefficient's kind (and a tensor's stride and alignment), how the noise is given, whether an
 # int seed or offset needs 64 bits, the clamp's presence and the launch settings. A new key runs
 # every check, then builds the plan: the launch settings, the grid, the constant arguments and
 # the compiled kernel, launched directly from then on. What the key cannot hold, because it
@@ -492,13 +492,15 @@ def _tensor_key(t):
 
 def _coefficient_key(c):
     if isinstance(c, Tensor):
-        return (c.dtype, c.shape, c.device, c.stride())
+        # Triton specialises a pointer on its 16-byte alignment: a coefficient row c[i] of a
+        # table is aligned only for some i, so alignment is part of the key like the data's.
+        return (c.dtype, c.shape, c.device, c.stride(), c.data_ptr() % 16 == 0)
     return type(c)
 
 
 def _seed_key(seed, offset):
     if isinstance(seed, Tensor):
-        return (seed.dtype, seed.shape, seed.device, offset)
+        return (seed.dtype, seed.shape, seed.device, seed.data_ptr() % 16 == 0, offset)
     if type(seed) is int and type(offset) is int:
         # Triton passes an int below 2**31 as int32, else as int64: part of the specialization.
         return (seed < _INT32_END, offset < _INT32_END)
