@@ -55,14 +55,16 @@ def fails(capsys, *args, match: str, folder: Path | None = None) -> str:
     return err
 
 
-def test_end_to_end_train_sample_evaluate_export_info(tmp_path):
-    """`python -m stepdiff` train -> sample -> evaluate -> export -> info, each a subprocess."""
+def test_end_to_end_train_sample_evaluate_export_info(tmp_path, capsys):
+    """`python -m stepdiff` train -> sample -> evaluate, each a subprocess; then the classifier it
+    needs, export and info through `stepdiff.cli.main` in this process (each subprocess pays the
+    import of torch)."""
     out = command("train", *DIGITS, "--steps", "5", "--out", "g.pt", cwd=tmp_path)
     assert "wrote g.pt (5 steps this run" in out
     log = [json.loads(line) for line in (tmp_path / "g.log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(5))
     assert [r["loss"] for r in log] == ckpt.read_checkpoint(tmp_path / "g.pt")["losses"].tolist()
-    command("train", *CLASSIFIER, "--out", "c.pt", cwd=tmp_path)
+    assert cli.main(["train", *CLASSIFIER, "--out", str(tmp_path / "c.pt")]) == 0
     out = command("sample", "g.pt", "--out", "s.png", "-n", "6", "--class", "3", "--guidance", "2",
                   "--sampler", "dpmpp_2m", "--steps", "3", cwd=tmp_path)
     assert "wrote s.png" in out
@@ -84,11 +86,14 @@ def test_end_to_end_train_sample_evaluate_export_info(tmp_path):
     assert 0 <= point["accuracy"] <= 1 and 0 <= point["recall"] <= 1
     # evaluate stores the report in the checkpoint's record
     assert ckpt.record_of(ckpt.read_checkpoint(tmp_path / "g.pt"))["metrics"]["sweep"][1]["w"] == 1.5
-    out = command("export", "g.pt", "--name", "tiny", "--dir", "w", cwd=tmp_path)
+    assert cli.main(["export", str(tmp_path / "g.pt"), "--name", "tiny", "--dir", str(tmp_path / "w")]) == 0
     record = json.loads((tmp_path / "w" / "tiny.json").read_text())
     assert record["weights"]["dtype"] == "float16" and record["metrics"]["n_samples"] == 40
-    out = command("sample", "w/tiny.pt", "--out", "t.png", "-n", "2", "--steps", "2", cwd=tmp_path)
-    info = json.loads(command("info", "--json", cwd=tmp_path))
+    assert cli.main(["sample", str(tmp_path / "w" / "tiny.pt"), "--out", str(tmp_path / "t.png"), "-n", "2",
+                     "--steps", "2"]) == 0
+    capsys.readouterr()
+    assert cli.main(["info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
     assert info["torch"] == str(torch.__version__) and info["threads"] >= 1
     assert info["triton_kernels"].startswith("active" if torch.cuda.is_available() else "inactive")
     assert set(info["configs"]) >= {"digits-unet"}
@@ -224,3 +229,50 @@ def test_bench_runs_what_runs_and_says_what_was_skipped(tmp_path, monkeypatch, c
     assert "skipped for want of a CUDA device: gpu" in capsys.readouterr().out or torch.cuda.is_available()
     assert cli.main(["bench", "broken"]) == 1
     fails(capsys, "bench", "nonesuch", match="unknown benchmark(s) ['nonesuch']")
+
+
+def write_idx(path: Path, array) -> None:
+    import numpy as np
+
+    array = np.asarray(array, dtype=np.uint8)
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(s).to_bytes(4, "big") for s in array.shape)
+    path.write_bytes(header + array.tobytes())
+
+
+def test_data_a_user_has_on_disk_trains(tmp_path):
+    """An image folder (one sub-folder per class), MNIST IDX files and CIFAR-10 pickles, written
+    small here, each train a step through the command's configuration."""
+    import pickle
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "folder"
+    for c in ("cats", "dogs"):
+        (folder / c).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)).save(folder / c / f"{i}.png")
+    mnist = tmp_path / "mnist"
+    mnist.mkdir()
+    write_idx(mnist / "train-images-idx3-ubyte", rng.integers(0, 256, (8, 28, 28)))
+    write_idx(mnist / "train-labels-idx1-ubyte", rng.integers(0, 10, 8))
+    cifar = tmp_path / "cifar"
+    cifar.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)]:
+        batch = {b"data": rng.integers(0, 256, (2, 3072), dtype=np.uint8), b"labels": [1, 7]}
+        (cifar / name).write_bytes(pickle.dumps(batch))
+    common = ["train.steps=1", "train.batch_size=4", "train.threads=1", *TINY[1::2]]  # TINY's --set values
+    cases = {
+        "folder": [f"data.path={json.dumps(str(folder))}", "data.name=image-folder", "data.size=8",
+                   "data.condition=class", "data.n_classes=2"],
+        "mnist": [f"data.path={json.dumps(str(mnist))}", "data.name=mnist", "data.pad=2"],
+        "cifar": [f"data.path={json.dumps(str(cifar))}", "data.name=cifar10", "data.condition=class"],
+    }
+    for name, data in cases.items():
+        result = runs.train_run(None, tmp_path / f"{name}.pt", overrides=[*data, *common])
+        model, record = ckpt.load(result.path)
+        shape = runs._image_shape(record["config"])
+        assert shape == {"folder": (3, 8, 8), "mnist": (1, 32, 32), "cifar": (3, 32, 32)}[name]
+        images = runs.sample_images(model, record["config"], 2, steps=2)
+        assert images.shape == (2, *shape) and bool(torch.isfinite(images).all())

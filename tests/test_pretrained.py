@@ -5,11 +5,12 @@ budget, and came from its recorded command (the provenance test).
 (``stepdiff.runs.replay``: the recorded configuration, seed and thread count) and their losses
 are compared with the ones recorded in its JSON. On the machine type the model was trained on
 (same CPU model, same threads) the run is deterministic and the losses must be equal **bit for
-bit**. Elsewhere the order of floating-point sums changes the last bits, and under bf16 autocast
-those differences grow from step to step (measured on this project's CPU, the same bf16 run on 1
-and 2 threads: relative difference 0 at step 0, 5e-6 by step 5, 3e-4 by step 10, 1e-2 by step
-36), so only the first 5 losses are compared, to a relative 1e-3; a wrong seed or wrong data
-moves them by far more (checked below on a tiny model).
+bit** (measured: two bf16 runs on 2 threads, 20 steps, identical). Elsewhere the order of
+floating-point sums changes the last bits, and those differences grow from step to step
+(measured on this project's CPU, the same 16x16 digits run on 1 and 2 threads: in float32 equal
+for 10 steps, then up to 5e-7 relative by step 30; under bf16 autocast 0 at step 0, 5e-6 by
+step 5, 3e-4 by step 10, 1e-2 by step 36), so only the first 5 losses are compared, to a
+relative 1e-3; a wrong seed or wrong data moves them by far more (checked below on a tiny model).
 
 Cost: ``STEPDIFF_PROVENANCE_STEPS`` steps per model (default 20, at most the 50 a record keeps).
 New committed models are covered automatically: the tests are parametrized over
