@@ -78,7 +78,8 @@ __all__ = [
     "autocast_dtype",
 ]
 
-KINDS = ("diffusion", "classifier")
+KINDS = ("diffusion", "classifier", "clip", "vae", "autoencoder")
+PART_KINDS = ("clip", "vae", "autoencoder")  # the text-to-image stack's parts: stepdiff.pipelines.PART_KINDS
 DATASETS = ("digits", "shapes", "image-folder", "mnist", "fashion-mnist", "cifar10")
 CONDITIONS = ("none", "class", "text")
 ARCHS = ("unet", "dit")
@@ -162,6 +163,9 @@ _EVALUATE = {
     "seed": 1,
 }
 
+_MODEL_PART = {"preset": ""}  # and any field of the part's config dataclass (stepdiff.pipelines.part_config)
+_TRAIN_PART = {k: v for k, v in _TRAIN_DIFFUSION.items() if k != "label_dropout"}
+
 DEFAULTS: dict[str, dict[str, Any]] = {
     "diffusion": {
         "data": _DATA,
@@ -172,6 +176,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "evaluate": _EVALUATE,
     },
     "classifier": {"data": _DATA, "model": _MODEL_CLASSIFIER, "train": _TRAIN_CLASSIFIER},
+    **{kind: {"data": _DATA, "model": _MODEL_PART, "train": _TRAIN_PART} for kind in PART_KINDS},
 }
 """Every table of a configuration of each kind, with the default of each key."""
 
@@ -301,7 +306,8 @@ def resolve(raw: dict, *, source: str = "the configuration") -> dict:
         raise ConfigError(f"{source}: unknown table(s) {unknown} for kind {kind!r}; the tables are {sorted(tables)}")
     cfg: dict[str, Any] = {"name": name, "kind": kind}
     for table, defaults in tables.items():
-        cfg[table] = _merge(table, raw.get(table, {}), defaults, open_keys=(table == "model" and kind == "diffusion"))
+        cfg[table] = _merge(table, raw.get(table, {}), defaults,
+                            open_keys=(table == "model" and kind in ("diffusion", *PART_KINDS)))
 
     data = cfg["data"]
     _choice("data", "name", data["name"], DATASETS)
@@ -320,6 +326,8 @@ def resolve(raw: dict, *, source: str = "the configuration") -> dict:
 
     if kind == "diffusion":
         _resolve_diffusion(cfg)
+    elif kind in PART_KINDS:
+        _resolve_part(cfg)
     else:
         _choice("model", "arch", cfg["model"]["arch"], CLASSIFIER_ARCHS)
         wants = "shapes" if cfg["model"]["arch"] == "shapes-cnn" else "digits"
@@ -368,6 +376,39 @@ def _resolve_diffusion(cfg: dict) -> None:
         build_objective(cfg)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"[objective]: {err}") from None
+
+
+def _resolve_part(cfg: dict) -> None:
+    from .train import LR_DECAYS
+
+    kind, data, train = cfg["kind"], cfg["data"], cfg["train"]
+    _choice("train", "lr_decay", train["lr_decay"], LR_DECAYS)
+    _choice("train", "autocast", train["autocast"], AUTOCAST)
+    _positive(train, "train", ("steps", "batch_size", "micro_batches"))
+    want = "text" if kind == "clip" else "none"
+    if data["condition"] != want:
+        raise ConfigError(f"[data] condition must be {want!r} for kind {kind!r}"
+                          + (" (it trains on the captions)" if kind == "clip" else " (it is unconditional)"))
+    if data["name"] not in ("digits", "shapes"):
+        raise ConfigError(f"kind {kind!r} trains on the digits or the shapes; got [data] name = {data['name']!r}")
+    _part_config(cfg)  # checks the preset and the fields
+
+
+def _part_config(cfg: dict):
+    """The config dataclass of a clip / vae / autoencoder run (see {func}`stepdiff.pipelines.part_config`)."""
+    from .pipelines import part_config
+
+    data = cfg["data"]
+    size = _digits_size(data) if data["name"] == "digits" else _shapes_size(data)
+    # The VAE scores the data's discrete values: 17 for the 8x8 digits, 256 for the 8-bit shapes.
+    levels = {("digits", 8): 17}.get((data["name"], size), 256 if data["name"] == "shapes" else None)
+    if cfg["kind"] == "vae" and levels is None:
+        raise ConfigError("kind 'vae' scores discrete data: the digits at size 8 (17 levels) or the shapes "
+                          f"(256 levels); got {data['name']} at size {size}")
+    try:
+        return part_config(cfg["kind"], cfg["model"], (_channels(data), size, size), levels)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"[model]: {err}") from None
 
 
 # --- building the objects ---------------------------------------------------------------------
@@ -460,7 +501,7 @@ def build_data(cfg: dict) -> TrainingData:
     else:
         s = image_data.load_cifar10(data["path"], data["split"])
         images, labels, classes = s.images, s.labels, s.classes
-    if condition == "none" and cfg["kind"] == "diffusion":
+    if condition == "none" and cfg["kind"] != "classifier":
         labels = None
     return TrainingData(images, labels, list(classes), captions, targets)
 
@@ -555,6 +596,10 @@ def build_model(cfg: dict, *, seed: int | None = None) -> nn.Module:
         torch.manual_seed(seed)
         if cfg["kind"] == "classifier":
             return _build_classifier(cfg)
+        if cfg["kind"] in PART_KINDS:
+            from .pipelines import build_part
+
+            return build_part(cfg["kind"], _part_config(cfg))
         from .models import DiT, TextConditioned, TextEncoder, UNet
 
         config = _model_config(cfg)

@@ -23,6 +23,12 @@ with classifier-free guidance on text, $\hat p = p(z_t, \varnothing) + w\,(p(z_t
 \varnothing))$, through {class}`~stepdiff.guidance.ClassifierFreeGuidance`, and any sampler of
 {mod}`stepdiff.samplers`. Without an autoencoder the same pipeline samples in pixel space (the
 pixel-space model that latent diffusion is compared with).
+
+The three trained parts are also kinds of run of ``stepdiff train`` ({data}`PART_KINDS`): the
+configuration's ``[model]`` table names a preset and changes to its config dataclass
+({func}`part_config`), the loop is {func}`stepdiff.train.train` with the part's own loss
+({func}`part_loss`), and when a run ends {func}`finish_part` fits what is measured once (the
+autoencoder's latent scale) and scores the part on held-out data for its record.
 """
 
 from __future__ import annotations
@@ -43,7 +49,17 @@ from .samplers import SAMPLERS
 from .schedules import FlowMatchingSchedule, Schedule, time_grid
 from .text import Tokenizer
 
-__all__ = ["freeze", "latent_text_model", "encode_dataset", "TextToImage"]
+__all__ = [
+    "freeze",
+    "latent_text_model",
+    "encode_dataset",
+    "TextToImage",
+    "PART_KINDS",
+    "part_config",
+    "build_part",
+    "part_loss",
+    "finish_part",
+]
 
 
 def freeze(module: nn.Module) -> nn.Module:
@@ -244,3 +260,130 @@ class TextToImage:
             finally:
                 self.autoencoder.train(was)
         return (images, z) if return_latents else images
+
+
+# --- the parts as runs of `stepdiff train` ------------------------------------------------------
+
+PART_KINDS = ("clip", "vae", "autoencoder")
+"""The kinds of run that train one part of the stack with its own loss (not a diffusion loss)."""
+
+
+def part_config(kind: str, model: dict, image_shape: tuple[int, int, int], levels: int | None = None):
+    r"""The config dataclass of a part from a configuration's ``[model]`` table: ``preset`` (empty: the
+    default) and changes to the fields, with the image's channels and side set from the data
+    (``image_shape`` $= (C, H, W)$) and, for the VAE, the number of values ``levels`` the
+    data take (17 for 8x8 digits, 256 for 8-bit images). Raises ``ValueError`` or ``TypeError``
+    naming a wrong preset or field."""
+    from dataclasses import fields
+
+    from .models.autoencoder import AE_PRESETS, AutoencoderConfig
+    from .models.clip import CLIPConfig
+    from .models.vae import VAEConfig
+
+    if kind not in PART_KINDS:
+        raise ValueError(f"unknown part kind {kind!r}; choose one of {PART_KINDS}")
+    C, H, W = image_shape
+    if H != W:
+        raise ValueError(f"the parts take square images; got {H}x{W}")
+    changes = {k: (tuple(v) if isinstance(v, list) else v) for k, v in model.items() if k != "preset"}
+    preset = model.get("preset") or ""
+    cls = {"clip": CLIPConfig, "vae": VAEConfig, "autoencoder": AutoencoderConfig}[kind]
+    fixed = {"clip": ("image_size", "in_channels"), "vae": ("image_size", "in_channels", "levels"),
+             "autoencoder": ("in_channels",)}[kind]
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(changes) - known)
+    if unknown:
+        raise TypeError(f"unknown {kind} model field(s) {unknown}; the fields are preset and {sorted(known)}")
+    for key in fixed:
+        if key in changes:
+            raise ValueError(f"the {kind} model's {key} is set from the data; remove it")
+    if kind == "clip":
+        return CLIPConfig.preset(preset or "small", image_size=H, in_channels=C, **changes)
+    if kind == "vae":
+        if preset:
+            raise ValueError(f"the VAE has no presets; got preset {preset!r} (give its fields instead)")
+        if levels is None:
+            raise ValueError("the VAE's discretised likelihood needs the data's number of levels")
+        return VAEConfig(image_size=H, in_channels=C, levels=levels, **changes)
+    if not preset:
+        preset = "f2" if H <= 16 else "f4"
+    if preset not in AE_PRESETS:
+        raise ValueError(f"unknown autoencoder preset {preset!r}; choose one of {sorted(AE_PRESETS)}")
+    return AutoencoderConfig.preset(preset, in_channels=C, **changes)
+
+
+def build_part(kind: str, config) -> nn.Module:
+    r"""The part's network for its config (from {func}`part_config`): a CLIP, a VAE or an autoencoder,
+    each trained to minimise its own loss $\mathcal L$ ({func}`part_loss`)."""
+    from .models.autoencoder import Autoencoder
+    from .models.clip import CLIP
+    from .models.vae import VAE
+
+    return {"clip": CLIP, "vae": VAE, "autoencoder": Autoencoder}[kind](config)
+
+
+def part_loss(kind: str):
+    r"""The part's loss in the shape of {func}`stepdiff.train.train`'s ``loss_fn``: the symmetric
+    contrastive loss (CLIP), $-\mathcal L/D$ (VAE), $\lVert x - \hat x\rVert_1/D + \beta\,\mathrm{KL}/D$
+    (autoencoder)."""
+    from .models.autoencoder import autoencoder_loss
+    from .models.clip import clip_loss
+    from .models.vae import vae_loss
+
+    if kind not in PART_KINDS:
+        raise ValueError(f"unknown part kind {kind!r}; choose one of {PART_KINDS}")
+    return {"clip": clip_loss, "vae": vae_loss, "autoencoder": autoencoder_loss}[kind]
+
+
+@torch.no_grad()
+def finish_part(kind: str, model: nn.Module, train_images: Tensor, held_images: Tensor,
+                held_captions: Sequence[str] | None = None, *, seed: int = 0, batch_size: int = 500) -> dict:
+    r"""What a finished run of a part measures once, on its final (EMA) weights; returns the held-out
+    scores for its record.
+
+    - autoencoder: ``scale_factor`` $= 1/\mathrm{std}(z)$ fitted on the first 2048 training images
+      (stored in the model's buffer); the held-out reconstruction PSNR (mean, in dB) and the
+      standard deviation of the scaled held-out latents;
+    - VAE: the held-out ELBO in bits per dimension (4 draws of $z$ per image), its two terms in
+      nats, and the importance-weighted bound with 64 draws;
+    - CLIP: held-out top-1 retrieval in groups of 100 (as many whole groups as there are), both
+      directions, identical captions counted as right, and the mean CLIPScore of the pairs.
+    """
+    from .models.autoencoder import psnr
+    from .models.clip import clip_score, retrieval_accuracy
+    from .models.vae import bits_per_dim
+
+    model.eval()
+    g = torch.Generator().manual_seed(seed)
+    if kind == "autoencoder":
+        scale = model.fit_scale_factor(train_images[:2048], batch_size=batch_size)
+        recon = model.reconstruct(held_images, batch_size=batch_size)
+        z = encode_dataset(model, held_images, batch_size=batch_size)
+        return {"psnr": float(psnr(recon, held_images).mean()), "scale_factor": scale,
+                "latent_std": float(z.double().std()), "n": int(held_images.shape[0])}
+    if kind == "vae":
+        rec, kl, iw = [], [], []
+        for i in range(0, held_images.shape[0], batch_size):
+            x = held_images[i : i + batch_size]
+            t = model.elbo(x, samples=4, generator=g)
+            rec.append(t.reconstruction)
+            kl.append(t.kl)
+            iw.append(model.iwae_bound(x, 64, g))
+        rec, kl, iw = torch.cat(rec), torch.cat(kl), torch.cat(iw)
+        D = model.config.dims
+        return {"bits_per_dim": float(bits_per_dim(rec - kl, D).mean()),
+                "iwae64_bits_per_dim": float(bits_per_dim(iw, D).mean()),
+                "reconstruction_nats": float(rec.mean()), "kl_nats": float(kl.mean()), "n": int(held_images.shape[0])}
+    if kind == "clip":
+        if held_captions is None:
+            raise ValueError("scoring a CLIP needs the held-out captions")
+        n = (held_images.shape[0] // 100) * 100
+        if n < 100:
+            raise ValueError(f"100-way retrieval needs at least 100 held-out pairs; got {held_images.shape[0]}")
+        ids = Tokenizer().encode(list(held_captions[:n]))
+        u = torch.cat([model.encode_image(held_images[i : i + batch_size]) for i in range(0, n, batch_size)])
+        v = torch.cat([model.encode_text(ids[i : i + batch_size]) for i in range(0, n, batch_size)])
+        r = retrieval_accuracy(u, v, n_way=100, same=list(held_captions[:n]))
+        return {"text_to_image_top1": r["text_to_image"], "image_to_text_top1": r["image_to_text"], "n_way": 100,
+                "groups": r["groups"], "clip_score": float(clip_score(model, held_images[:n], ids).mean()), "n": n}
+    raise ValueError(f"unknown part kind {kind!r}; choose one of {PART_KINDS}")

@@ -194,11 +194,21 @@ def train_run(
 
 
 def _train_diffusion(cfg, out, resume, stop_after, argv, progress, device, world, rank) -> RunResult:
+    """A diffusion run, or a run of one part of the text-to-image stack (kind clip, vae or
+    autoencoder: the same loop with the part's own loss, then {func}`stepdiff.pipelines.finish_part`)."""
+    from .config import PART_KINDS
     from .train import train
 
     data = build_data(cfg)
     model = build_model(cfg).to(device)
-    schedule, prediction, weighting = build_objective(cfg)
+    part = cfg["kind"] in PART_KINDS
+    if part:
+        from .pipelines import part_loss
+
+        schedule, prediction, weighting, loss_fn = None, "eps", None, part_loss(cfg["kind"])
+    else:
+        schedule, prediction, weighting = build_objective(cfg)
+        loss_fn = None
     t = cfg["train"]
     record = ckpt.provenance(cfg, argv, device=device, world_size=world)
     record["n_parameters"] = sum(p.numel() for p in model.parameters())
@@ -212,8 +222,8 @@ def _train_diffusion(cfg, out, resume, stop_after, argv, progress, device, world
 
     try:
         result = train(
-            model, data.images, schedule,
-            prediction=prediction, weighting=weighting, labels=data.labels, label_dropout=t["label_dropout"],
+            model, data.images, schedule, loss_fn=loss_fn,
+            prediction=prediction, weighting=weighting, labels=data.labels, label_dropout=t.get("label_dropout", 0.0),
             steps=t["steps"], batch_size=t["batch_size"], lr=t["lr"], lr_warmup=t["lr_warmup"],
             lr_decay=t["lr_decay"], grad_clip=t["grad_clip"], ema_decay=t["ema_decay"], seed=t["seed"],
             micro_batches=t["micro_batches"], autocast=autocast_dtype(cfg), checkpoint=out,
@@ -228,7 +238,29 @@ def _train_diffusion(cfg, out, resume, stop_after, argv, progress, device, world
         raise
     if log is not None:
         log.close()
+    if part and rank == 0 and result.step == t["steps"]:
+        record = _finish_part(cfg, out, data)
     return RunResult(out, losses if rank == 0 else result.losses[start:], record)
+
+
+def _finish_part(cfg: dict, out: Path, data) -> dict:
+    """Measure a finished part on its EMA weights (the autoencoder's latent scale, held-out scores)
+    and store the result in the checkpoint: the buffers it set in both weight sets, the scores as
+    the record's ``held_out``."""
+    from .pipelines import finish_part
+
+    state = ckpt.read_checkpoint(out)
+    model = build_model(cfg)
+    model.load_state_dict(state["ema"]["model"] if state.get("ema") is not None else state["model"])
+    held = held_out_data(cfg)
+    scores = finish_part(cfg["kind"], model, data.images, held.images, held.captions, seed=cfg["train"]["seed"])
+    for name, buf in model.named_buffers():
+        for weights in (state["model"], (state.get("ema") or {}).get("model")):
+            if weights is not None:
+                weights[name] = buf.detach().clone()
+    state["metadata"] = dict(state["metadata"], held_out=scores)
+    ckpt._atomic(out, lambda f: torch.save(state, f))
+    return state["metadata"]
 
 
 class _StopEarly(Exception):

@@ -214,3 +214,65 @@ def test_argument_errors():
 
         latent_text_model(TextEncoder(99, 16, 1, 2), unet_config())
     assert math.isfinite(float(pipe("a red circle", steps=1).sum()))
+
+
+# --- the parts as runs of `stepdiff train` ------------------------------------------------------
+
+PART_RUNS = {
+    "clip": ["kind=clip", "data.name=shapes", "data.size=16", "data.condition=text", "data.n=64",
+             "data.n_held_out=100", "model.preset=tiny"],
+    "vae": ["kind=vae", "data.name=digits", "data.size=8", "model.hidden=[16]", "model.latent_dim=3"],
+    "autoencoder": ["kind=autoencoder", "data.name=shapes", "data.size=16", "data.n=64", "data.n_held_out=32",
+                    "model.preset=tiny"],
+}
+
+
+@pytest.mark.parametrize("kind", sorted(PART_RUNS))
+def test_parts_train_with_stepdiff_train_and_record_held_out_scores(kind, tmp_path):
+    from stepdiff import checkpoints as ckpt
+    from stepdiff.runs import export_run, train_run
+
+    overrides = [*PART_RUNS[kind], "train.steps=6", "train.batch_size=16", "train.threads=1", "train.lr=3e-3"]
+    threads = torch.get_num_threads()
+    try:
+        run = train_run(None, tmp_path / "run.pt", overrides=overrides)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(run.losses) == 6 and all(math.isfinite(v) for v in run.losses)
+    scores = run.record["held_out"]
+    model, record = ckpt.load(run.path)
+    assert record["kind"] == kind and record["held_out"] == scores
+    if kind == "clip":
+        assert scores["n_way"] == 100 and 0 <= scores["text_to_image_top1"] <= 1 and scores["n"] == 100
+    elif kind == "vae":
+        assert scores["iwae64_bits_per_dim"] <= scores["bits_per_dim"] + 0.05 and scores["kl_nats"] >= 0
+    else:
+        # The scale was fitted on the final (EMA) weights and stored in both weight sets.
+        assert float(model.scale_factor) == pytest.approx(scores["scale_factor"])
+        assert torch.load(run.path, weights_only=True)["model"]["scale_factor"] == pytest.approx(scores["scale_factor"])
+        assert math.isfinite(scores["psnr"]) and scores["latent_std"] == pytest.approx(1.0, rel=0.3)
+    # Exported in float16 with its record; the export loads into the same kind of model.
+    weights, rec_path = export_run(run.path, tmp_path / "w", f"tiny-{kind}")
+    exported, exported_record = ckpt.load(weights)
+    assert exported_record["held_out"] == scores and type(exported) is type(model)
+
+
+def test_part_configuration_errors():
+    from stepdiff.config import ConfigError, resolve
+
+    with pytest.raises(ConfigError, match="condition must be 'text' for kind 'clip'"):
+        resolve({"kind": "clip", "data": {"name": "shapes"}})
+    with pytest.raises(ConfigError, match="condition must be 'none' for kind 'vae'"):
+        resolve({"kind": "vae", "data": {"name": "shapes", "condition": "text"}})
+    with pytest.raises(ConfigError, match="17 levels"):
+        resolve({"kind": "vae", "data": {"name": "digits", "size": 16}})
+    with pytest.raises(ConfigError, match=r"unknown autoencoder preset 'f8'"):
+        resolve({"kind": "autoencoder", "data": {"name": "shapes"}, "model": {"preset": "f8"}})
+    with pytest.raises(ConfigError, match=r"unknown clip model field\(s\) \['depth'\]"):
+        resolve({"kind": "clip", "data": {"name": "shapes", "condition": "text"}, "model": {"depth": 3}})
+    with pytest.raises(ConfigError, match="image_size is set from the data"):
+        resolve({"kind": "clip", "data": {"name": "shapes", "condition": "text"}, "model": {"image_size": 16}})
+    with pytest.raises(ConfigError, match="digits or the shapes"):
+        resolve({"kind": "autoencoder", "data": {"name": "cifar10", "path": "x"}})
+    with pytest.raises(ConfigError, match="unknown key 'label_dropout'"):
+        resolve({"kind": "vae", "data": {"name": "digits"}, "train": {"label_dropout": 0.1}})
