@@ -206,6 +206,7 @@ class TextToImage:
         sampler: str = "euler",
         steps: int = 30,
         spacing: str = "uniform",
+        t_max: float = 1.0,
         seed: int | None = 0,
         generator: torch.Generator | None = None,
         unknown: str = "error",
@@ -216,8 +217,9 @@ class TextToImage:
         (the images of prompt $i$ are rows $i\cdot n .. i\cdot n + n - 1$).
 
         - ``guidance_scale`` $w \ge 0$: 1 is the conditional model, 0 the unconditional one.
-        - ``sampler``: a name of {data}`stepdiff.samplers.SAMPLERS`; ``steps`` and ``spacing``
-          make the grid ({func}`stepdiff.schedules.time_grid`); ``sampler_kwargs`` go to the sampler.
+        - ``sampler``: a name of {data}`stepdiff.samplers.SAMPLERS`; ``steps``, ``spacing`` and
+          ``t_max`` make the grid ({func}`stepdiff.schedules.time_grid`), which starts from
+          $x_{t_0} = \sigma(t_0)\,z$, $z\sim\mathcal N(0, I)$; ``sampler_kwargs`` go to the sampler.
         - ``seed`` (or a ``generator``): the initial noise and any noise the sampler draws, so a
           seed gives the same images on the same device.
         - ``return_latents``: also return the final latents (``(images, latents)``).
@@ -236,8 +238,9 @@ class TextToImage:
             if seed is not None:
                 generator.manual_seed(seed)
         ids = ids.to(device)
-        x = torch.randn((ids.shape[0], *self.sample_shape), generator=generator, device=device)
-        ts = time_grid(steps, spacing, self.schedule)
+        ts = time_grid(steps, spacing, self.schedule, t_max=t_max)
+        sigma0 = float(self.schedule.sigma(torch.tensor(float(ts[0]), dtype=torch.float64)))
+        x = sigma0 * torch.randn((ids.shape[0], *self.sample_shape), generator=generator, device=device)
         kwargs = {"prediction": self.prediction, **sampler_kwargs}
         if "generator" in inspect.signature(SAMPLERS[sampler]).parameters:
             kwargs.setdefault("generator", generator)

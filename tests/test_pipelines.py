@@ -106,6 +106,22 @@ def test_guidance_scale_one_is_the_conditional_model_and_zero_the_unconditional(
     assert not torch.allclose(strong, cond)
 
 
+def test_the_start_is_scaled_by_sigma_of_the_first_time():
+    """On a variance-exploding process the sampler starts from sigma(t_0) z, not z."""
+    from stepdiff.schedules import VESchedule
+
+    _, ae, model = parts(6)
+    schedule = VESchedule(sigma_q=5.0)
+    pipe = TextToImage(model, ae, image_size=16, schedule=schedule, prediction="x0")
+    ids = TOK.encode(PROMPTS[:1])
+    images, latents = pipe(PROMPTS[:1], guidance_scale=1.0, steps=4, t_max=0.8, seed=2, return_latents=True)
+    ts = time_grid(4, "uniform", schedule, t_max=0.8)
+    x = 5.0 * math.sqrt(0.8) * torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = sample_euler(lambda x, t: model(x, t, y=ids), x, schedule, ts, prediction="x0")
+    assert torch.allclose(latents, want, atol=1e-5)
+
+
 def test_the_text_encoder_is_the_frozen_clip_text_tower():
     clip, _, model = parts(2)
     assert model.encoder is clip.text_encoder
