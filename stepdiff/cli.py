@@ -110,8 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     g = t.add_argument_group("configuration flags (each overrides the --config file)")
     g.add_argument("--name", help="the run's name")
-    g.add_argument("--kind", help="diffusion (default), classifier, or a part of the text-to-image stack: clip, vae, "
-                                  "autoencoder")
+    g.add_argument("--kind", help="diffusion (default), classifier, a part of the text-to-image stack: clip, vae, "
+                                  "autoencoder, or one built on a trained model ([base]): controlnet, distill")
     g.add_argument("--data", help="digits, shapes, image-folder, mnist, fashion-mnist or cifar10")
     g.add_argument("--size", type=int, help="image side (digits 8 or 16; shapes 32; an image folder: any)")
     g.add_argument("--condition", help="none, class or text (text: the shapes captions)")

@@ -76,10 +76,15 @@ __all__ = [
     "build_model",
     "build_objective",
     "autocast_dtype",
+    "load_base",
+    "adapter_training",
 ]
 
-KINDS = ("diffusion", "classifier", "clip", "vae", "autoencoder")
+KINDS = ("diffusion", "classifier", "clip", "vae", "autoencoder", "controlnet", "distill")
 PART_KINDS = ("clip", "vae", "autoencoder")  # the text-to-image stack's parts: stepdiff.pipelines.PART_KINDS
+# Runs built on a trained diffusion model named in [base]: a ControlNet (stepdiff.models.controlnet) and a
+# distilled student (stepdiff.distill).
+ADAPTER_KINDS = ("controlnet", "distill")
 DATASETS = ("digits", "shapes", "image-folder", "mnist", "fashion-mnist", "cifar10")
 CONDITIONS = ("none", "class", "text")
 ARCHS = ("unet", "dit")
@@ -164,6 +169,20 @@ _EVALUATE = {
 }
 
 _MODEL_PART = {"preset": ""}  # and any field of the part's config dataclass (stepdiff.pipelines.part_config)
+_BASE = {"model": ""}  # the trained diffusion model: a committed model's name or a checkpoint / export path
+_MODEL_CONTROLNET = {"control": "mask", "hint_widths": [16, 32]}  # control: mask | edges (of the shapes)
+_DISTILL = {
+    "method": "progressive",  # progressive | consistency
+    "teacher_steps": 8,  # progressive: the teacher's grid (the student takes half); consistency: N intervals
+    "spacing": "uniform",  # progressive: the grid's spacing (stepdiff.schedules.time_grid)
+    "t_max": 1.0,  # progressive: the grid's first time
+    "solver": "heun",  # consistency: the teacher's ODE step (ddim | euler | heun)
+    # consistency: mu of the target network. 0 (Song & Dhariwal 2023): the target is the student without
+    # gradient, so nothing outside the checkpoint is needed and a resumed run is exact; with mu > 0 the
+    # target, which the checkpoint does not hold, restarts from the student on resume.
+    "target_decay": 0.0,
+    "t_min": 0.002,  # consistency: where f(x, t_min) = x
+}
 _TRAIN_PART = {k: v for k, v in _TRAIN_DIFFUSION.items() if k != "label_dropout"}
 
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -177,6 +196,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     },
     "classifier": {"data": _DATA, "model": _MODEL_CLASSIFIER, "train": _TRAIN_CLASSIFIER},
     **{kind: {"data": _DATA, "model": _MODEL_PART, "train": _TRAIN_PART} for kind in PART_KINDS},
+    "controlnet": {"base": _BASE, "data": _DATA, "model": _MODEL_CONTROLNET, "train": _TRAIN_DIFFUSION},
+    "distill": {"base": _BASE, "data": _DATA, "distill": _DISTILL, "train": _TRAIN_DIFFUSION},
 }
 """Every table of a configuration of each kind, with the default of each key."""
 
@@ -328,6 +349,8 @@ def resolve(raw: dict, *, source: str = "the configuration") -> dict:
         _resolve_diffusion(cfg)
     elif kind in PART_KINDS:
         _resolve_part(cfg)
+    elif kind in ADAPTER_KINDS:
+        _resolve_adapter(cfg)
     else:
         _choice("model", "arch", cfg["model"]["arch"], CLASSIFIER_ARCHS)
         wants = "shapes" if cfg["model"]["arch"] == "shapes-cnn" else "digits"
@@ -409,6 +432,46 @@ def _part_config(cfg: dict):
         return part_config(cfg["kind"], cfg["model"], (_channels(data), size, size), levels)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"[model]: {err}") from None
+
+
+def _resolve_adapter(cfg: dict) -> None:
+    """A ControlNet or distillation run: [base] names the trained model; [data] must be its data
+    (checked when the base is loaded, so resolving reads no file)."""
+    from .distill import METHODS, SOLVERS
+    from .models.controlnet import CONTROLS
+    from .schedules import SPACINGS
+    from .train import LR_DECAYS
+
+    kind, train = cfg["kind"], cfg["train"]
+    if not isinstance(cfg["base"]["model"], str) or not cfg["base"]["model"]:
+        raise ConfigError(f"[base] model must name the trained diffusion model a {kind} run builds on "
+                          "(a committed model's name or a checkpoint path)")
+    _choice("train", "lr_decay", train["lr_decay"], LR_DECAYS)
+    _choice("train", "autocast", train["autocast"], AUTOCAST)
+    _positive(train, "train", ("steps", "batch_size", "micro_batches"))
+    if not 0.0 <= train["label_dropout"] <= 1.0:
+        raise ConfigError(f"[train] label_dropout must lie in [0, 1]; got {train['label_dropout']}")
+    if kind == "controlnet":
+        model = cfg["model"]
+        _choice("model", "control", model["control"], CONTROLS)
+        if cfg["data"]["name"] != "shapes":
+            raise ConfigError(f"kind 'controlnet' reads the shapes' masks or edges; got [data] name = "
+                              f"{cfg['data']['name']!r}")
+        widths = model["hint_widths"]
+        if not widths or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in widths):
+            raise ConfigError(f"[model] hint_widths must be positive integers; got {widths!r}")
+        return
+    d = cfg["distill"]
+    _choice("distill", "method", d["method"], METHODS)
+    _choice("distill", "spacing", d["spacing"], SPACINGS)
+    _choice("distill", "solver", d["solver"], SOLVERS)
+    _positive(d, "distill", ("teacher_steps",))
+    if d["method"] == "progressive" and d["teacher_steps"] % 2:
+        raise ConfigError(f"[distill] teacher_steps must be even for progressive distillation (the student "
+                          f"takes half); got {d['teacher_steps']}")
+    if not 0.0 < d["t_max"] <= 1.0 or not 0.0 < d["t_min"] < 1.0 or not 0.0 <= d["target_decay"] < 1.0:
+        raise ConfigError(f"[distill] needs 0 < t_max <= 1, 0 < t_min < 1 and 0 <= target_decay < 1; got "
+                          f"t_max={d['t_max']}, t_min={d['t_min']}, target_decay={d['target_decay']}")
 
 
 # --- building the objects ---------------------------------------------------------------------
@@ -600,6 +663,8 @@ def build_model(cfg: dict, *, seed: int | None = None) -> nn.Module:
             from .pipelines import build_part
 
             return build_part(cfg["kind"], _part_config(cfg))
+        if cfg["kind"] in ADAPTER_KINDS:
+            return _build_adapter(cfg)
         from .models import DiT, TextConditioned, TextEncoder, UNet
 
         config = _model_config(cfg)
@@ -615,6 +680,90 @@ def build_model(cfg: dict, *, seed: int | None = None) -> nn.Module:
         except ValueError as err:
             raise ConfigError(f"[model.text]: {err}") from None
         return TextConditioned(net, encoder, tok.pad_id, tok.empty(1)[0])
+
+
+def _record(source: str) -> dict:
+    """The record of a committed model, a checkpoint or an export, without building its model."""
+    import json
+
+    from . import checkpoints, pretrained
+
+    path = Path(source)
+    if not path.exists():
+        if source in pretrained.available():
+            return pretrained.record(source)
+        raise FileNotFoundError(f"no checkpoint {source!r}: not a file, and not a committed model "
+                                f"({pretrained.available()})")
+    kind, found = checkpoints._read_any(path)
+    return json.loads(found.read_text(encoding="utf-8")) if kind == "export" else checkpoints.record_of(found)
+
+
+def load_base(cfg: dict) -> tuple[nn.Module, dict]:
+    """The trained diffusion model a ControlNet or distillation run builds on (``[base] model``), in
+    eval mode, and the configuration of the diffusion run it comes from (for a progressive student,
+    its first teacher's, whose objective it keeps); its ``[data]`` must be the run's."""
+    from .checkpoints import load
+
+    source = str(cfg["base"]["model"])
+    base, record = load(source)
+    base_cfg = resolve(record["config"], source=source)
+    while base_cfg["kind"] == "distill" and base_cfg["distill"]["method"] == "progressive":
+        source = str(base_cfg["base"]["model"])
+        base_cfg = resolve(_record(source)["config"], source=source)
+    if base_cfg["kind"] != "diffusion":
+        raise ConfigError(f"[base] model {cfg['base']['model']!r} is a {base_cfg['kind']} model, not a diffusion "
+                          "model (or a progressive student of one)")
+    differ = sorted(k for k in base_cfg["data"] if base_cfg["data"][k] != cfg["data"].get(k))
+    if differ:
+        has = ", ".join(f"{k}={base_cfg['data'][k]!r}" for k in differ)
+        raise ConfigError(f"[data] must be the data of the base model {cfg['base']['model']!r}; it differs in "
+                          f"{differ} (the base has {has})")
+    return base, base_cfg
+
+
+def _build_adapter(cfg: dict) -> nn.Module:
+    """A ControlNet on the base model, or the student of a distillation run (a copy of the teacher)."""
+    base, base_cfg = load_base(cfg)
+    if cfg["kind"] == "controlnet":
+        from .models.controlnet import ControlNetConfig, controlnet_for
+
+        try:
+            widths = tuple(cfg["model"]["hint_widths"])
+            return controlnet_for(base, ControlNetConfig(hint_channels=1, hint_widths=widths))
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"[base] / [model]: {err}") from None
+    from .distill import student_for
+
+    schedule, prediction, _ = build_objective(base_cfg)
+    return student_for(base, cfg["distill"]["method"], schedule, prediction, t_min=cfg["distill"]["t_min"])
+
+
+def adapter_training(cfg: dict, model: nn.Module, data: TrainingData) -> tuple[Tensor, Any]:
+    """What a ControlNet or distillation run trains on and with: ``(images, loss_fn)`` for
+    {func}`stepdiff.train.train`. A ControlNet's images carry their control maps as one more channel
+    ({func}`stepdiff.models.controlnet.packed_loss_fn`); a student learns from the frozen base
+    ({func}`stepdiff.distill.distillation_loss_fn`). The objective is the base model's."""
+    base, base_cfg = load_base(cfg)
+    base = base.to(next(model.parameters()).device)
+    schedule, prediction, weighting = build_objective(base_cfg)
+    if cfg["kind"] == "controlnet":
+        from .models.controlnet import control_maps, packed_loss_fn
+        from .shapes import make_shapes
+
+        d = cfg["data"]
+        scenes = make_shapes(d["n"], seed=SHAPES_GENERATOR_SEED, size=_shapes_size(d),
+                             n_objects=tuple(d["n_objects"]), caption_style=d["caption_style"], masks=True)
+        control = control_maps(scenes.masks, scenes.edges, cfg["model"]["control"])
+        images = torch.cat([data.images, control], 1)
+        return images, packed_loss_fn(schedule, data.images.shape[1], prediction=prediction, weighting=weighting)
+    from .distill import distillation_loss_fn
+    from .schedules import time_grid
+
+    d = cfg["distill"]
+    grid = time_grid(d["teacher_steps"], d["spacing"], schedule, t_max=d["t_max"])
+    teacher = base.requires_grad_(False)
+    return data.images, distillation_loss_fn(d["method"], teacher, model, schedule, prediction, grid,
+                                             solver=d["solver"], target_decay=d["target_decay"])
 
 
 def _build_classifier(cfg: dict) -> nn.Module:

@@ -65,6 +65,9 @@ __all__ = [
     "progressive_loss",
     "halve_grid",
     "progressive_distillation",
+    "METHODS",
+    "student_for",
+    "distillation_loss_fn",
 ]
 
 f64 = torch.float64
@@ -460,3 +463,44 @@ def progressive_distillation(
         out.append((teacher, student_grid))
         grid = student_grid
     return out
+
+
+# --- a distillation run of the stepdiff command ------------------------------------------------
+
+METHODS = ("progressive", "consistency")
+
+
+def student_for(teacher: nn.Module, method: str, schedule: Schedule, prediction: str, *,
+                t_min: float = 0.002) -> nn.Module:
+    r"""The student that a distillation run starts from: a trainable copy of ``teacher`` (progressive
+    distillation), or the copy wrapped as a {class}`ConsistencyModel`, $f = c_{\rm skip}x + c_{\rm out}\hat x$,
+    which starts as the teacher's one-step DDIM to $t_{\min}$ (consistency distillation)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    student = copy.deepcopy(teacher).train().requires_grad_(True)
+    if method == "progressive":
+        return student
+    return ConsistencyModel(student, schedule, prediction=prediction, t_min=t_min)
+
+
+def distillation_loss_fn(
+    method: str, teacher: Callable, student: nn.Module, schedule: Schedule, prediction: str, ts_teacher: Tensor, *,
+    solver: str = "heun", target_decay: float = 0.95,
+) -> Callable:
+    r"""A ``loss_fn(model, x0, y, generator)`` for {func}`stepdiff.train.train`: {func}`progressive_loss` on
+    the teacher's grid ``ts_teacher`` ($2N$ steps; the student learns $N$), or {class}`ConsistencyLoss`
+    with the teacher's ``solver`` steps on the $N$ = ``len(ts_teacher) - 1`` intervals of
+    {func}`consistency_grid` (then ``ts_teacher`` only gives $N$). Labels ``y`` reach teacher and student."""
+    if method == "progressive":
+        grid = torch.as_tensor(ts_teacher, dtype=f64)
+        halve_grid(grid)
+
+        def loss_fn(model, x0, y, generator):
+            return progressive_loss(model, teacher, x0, schedule, grid, student_prediction=prediction,
+                                    teacher_prediction=prediction, y=y, generator=generator)
+
+        return loss_fn
+    if method != "consistency":
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    return ConsistencyLoss(student, schedule, len(ts_teacher) - 1, teacher=teacher, teacher_prediction=prediction,
+                           solver=solver, target_decay=target_decay)

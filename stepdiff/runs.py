@@ -196,16 +196,22 @@ def train_run(
 def _train_diffusion(cfg, out, resume, stop_after, argv, progress, device, world, rank) -> RunResult:
     """A diffusion run, or a run of one part of the text-to-image stack (kind clip, vae or
     autoencoder: the same loop with the part's own loss, then {func}`stepdiff.pipelines.finish_part`)."""
-    from .config import PART_KINDS
+    from .config import ADAPTER_KINDS, PART_KINDS
     from .train import train
 
     data = build_data(cfg)
     model = build_model(cfg).to(device)
+    images = data.images
     part = cfg["kind"] in PART_KINDS
     if part:
         from .pipelines import part_loss
 
         schedule, prediction, weighting, loss_fn = None, "eps", None, part_loss(cfg["kind"])
+    elif cfg["kind"] in ADAPTER_KINDS:  # a ControlNet or a distilled student, on the base model of [base]
+        from .config import adapter_training
+
+        schedule, prediction, weighting = None, "eps", None
+        images, loss_fn = adapter_training(cfg, model, data)
     else:
         schedule, prediction, weighting = build_objective(cfg)
         loss_fn = None
@@ -222,7 +228,7 @@ def _train_diffusion(cfg, out, resume, stop_after, argv, progress, device, world
 
     try:
         result = train(
-            model, data.images, schedule, loss_fn=loss_fn,
+            model, images, schedule, loss_fn=loss_fn,
             prediction=prediction, weighting=weighting, labels=data.labels, label_dropout=t.get("label_dropout", 0.0),
             steps=t["steps"], batch_size=t["batch_size"], lr=t["lr"], lr_warmup=t["lr_warmup"],
             lr_decay=t["lr_decay"], grad_clip=t["grad_clip"], ema_decay=t["ema_decay"], seed=t["seed"],

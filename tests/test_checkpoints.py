@@ -67,10 +67,15 @@ def test_bad_configurations_name_what_is_wrong(override, message):
 
 
 def test_shipped_configurations_resolve():
-    """Every configuration shipped in stepdiff/configs resolves, and its model builds."""
+    """Every configuration shipped in stepdiff/configs resolves, and its model builds (a run built on a
+    trained model, a ControlNet or a distilled student, once that model is committed)."""
+    from stepdiff import pretrained
+
     for name in C.config_names():
         cfg = C.load_config(name)
         assert cfg["name"] == name
+        if cfg["kind"] in C.ADAPTER_KINDS and cfg["base"]["model"] not in pretrained.available():
+            continue
         assert sum(p.numel() for p in C.build_model(cfg).parameters()) > 0
 
 

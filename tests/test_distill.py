@@ -347,3 +347,87 @@ def test_progressive_loss_weighting_and_bad_input():
         progressive_target(D, x0, 0.5, 0.6, schedule)
     with pytest.raises(TypeError, match="nn.Module"):
         progressive_distillation(D, x0.float(), schedule, grid, rounds=1)
+
+
+# --- a distillation run of the stepdiff command ------------------------------------------------------
+
+TINY_UNET = {"arch": "unet", "preset": "tiny", "channels": 8, "channel_mult": [1, 2], "attn_levels": [1], "heads": 2,
+             "norm_groups": 4}
+DIGITS8 = {"name": "digits", "size": 8, "condition": "class"}
+
+
+@pytest.fixture(scope="module")
+def digits_base(tmp_path_factory):
+    from stepdiff.runs import train_run
+
+    out = tmp_path_factory.mktemp("base") / "base.pt"
+    train_run({"name": "base", "data": DIGITS8, "model": TINY_UNET,
+               "train": {"steps": 3, "batch_size": 16, "threads": 1, "label_dropout": 0.2}}, out)
+    return out
+
+
+@pytest.mark.parametrize("method", ["progressive", "consistency"])
+def test_distill_runs_through_the_command(digits_base, tmp_path, method):
+    from stepdiff import checkpoints
+    from stepdiff.runs import train_run
+
+    cfg = {"kind": "distill", "name": f"student-{method}", "base": {"model": str(digits_base)}, "data": DIGITS8,
+           "distill": {"method": method, "teacher_steps": 4, "solver": "ddim"},
+           "train": {"steps": 3, "batch_size": 16, "threads": 1, "label_dropout": 0.2}}
+    result = train_run(cfg, tmp_path / "s.pt")
+    assert len(result.losses) == 3 and all(math.isfinite(v) for v in result.losses)
+    student, record = checkpoints.load(tmp_path / "s.pt")
+    teacher, _ = checkpoints.load(digits_base)
+    assert record["kind"] == "distill" and record["config"]["base"]["model"] == str(digits_base)
+    net = student.net if method == "consistency" else student
+    assert isinstance(student, ConsistencyModel) == (method == "consistency")
+    assert net.state_dict().keys() == teacher.state_dict().keys()
+    assert any(not torch.equal(a, b) for a, b in zip(net.state_dict().values(), teacher.state_dict().values()))
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        assert student(x, torch.full((2,), 0.5), torch.tensor([1, 2])).shape == x.shape
+
+
+def test_a_second_round_distils_the_first_student(digits_base, tmp_path):
+    """Round 2's [base] is round 1's student (a distill run): it keeps the first teacher's objective."""
+    from stepdiff import checkpoints
+    from stepdiff.runs import train_run
+
+    def cfg(base, steps):
+        return {"kind": "distill", "base": {"model": str(base)}, "data": DIGITS8,
+                "distill": {"method": "progressive", "teacher_steps": steps},
+                "train": {"steps": 2, "batch_size": 16, "threads": 1}}
+
+    train_run(cfg(digits_base, 8), tmp_path / "r1.pt")
+    train_run(cfg(tmp_path / "r1.pt", 4), tmp_path / "r2.pt")
+    student, _ = checkpoints.load(tmp_path / "r2.pt")
+    first, _ = checkpoints.load(tmp_path / "r1.pt")
+    assert student.state_dict().keys() == first.state_dict().keys()
+    consistency = {"kind": "distill", "base": {"model": str(tmp_path / "r1.pt")}, "data": DIGITS8,
+                   "distill": {"method": "consistency", "teacher_steps": 4, "solver": "ddim"},
+                   "train": {"steps": 1, "batch_size": 16, "threads": 1}}
+    train_run(consistency, tmp_path / "c.pt")
+    with pytest.raises(Exception, match="not a diffusion model"):
+        train_run({**cfg(tmp_path / "c.pt", 4)}, tmp_path / "r3.pt")
+
+
+def test_distill_configuration_errors(digits_base, tmp_path):
+    from stepdiff.config import ConfigError, resolve
+    from stepdiff.runs import train_run
+
+    def cfg(**distill):
+        return {"kind": "distill", "base": {"model": str(digits_base)}, "data": DIGITS8, "distill": distill}
+
+    with pytest.raises(ConfigError, match="method"):
+        resolve(cfg(method="reflow"))
+    with pytest.raises(ConfigError, match="teacher_steps must be even"):
+        resolve(cfg(teacher_steps=5))
+    with pytest.raises(ConfigError, match="solver"):
+        resolve(cfg(method="consistency", solver="rk45"))
+    with pytest.raises(ConfigError, match=r"\[base\] model"):
+        resolve({"kind": "distill", "data": DIGITS8})
+    with pytest.raises(ConfigError, match=r"\[data\] must be the data of the base model"):
+        train_run({**cfg(), "data": {**DIGITS8, "size": 16}, "train": {"steps": 1, "threads": 1}}, tmp_path / "x.pt")
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train_run({**cfg(), "base": {"model": str(tmp_path / "none.pt")}, "train": {"steps": 1}}, tmp_path / "y.pt")
+    assert not (tmp_path / "x.pt").exists() and not (tmp_path / "y.pt").exists()

@@ -44,8 +44,8 @@ from torch import Tensor, nn
 from .layers import batch_time, check_context, check_labels, zero_
 from .unet import UNet
 
-__all__ = ["ControlNetConfig", "HintEncoder", "ControlNet", "controlnet_loss", "packed_loss_fn",
-           "object_mask_from_image", "mask_iou"]
+__all__ = ["ControlNetConfig", "HintEncoder", "ControlNet", "TextControlNet", "controlnet_for", "CONTROLS",
+           "control_maps", "controlnet_loss", "packed_loss_fn", "object_mask_from_image", "mask_iou"]
 
 
 @dataclass
@@ -231,6 +231,80 @@ def _out_channels(stage: nn.Module) -> int:
     return convs[-1].out_channels
 
 
+class TextControlNet(nn.Module):
+    r"""A ControlNet on the UNet of a text-conditioned model ({class}`~stepdiff.models.TextConditioned`):
+    ``model(x, t, y=token_ids, *, control)`` $=$ ``controlnet(x, t, context=c, context_mask=m, control=control)``
+    with $(c, m)$ from the frozen text encoder, which reads the captions exactly as the base model does.
+
+    The whole text model is frozen (its UNet is the ControlNet's base); ``null_class`` is its padding
+    id, so {func}`stepdiff.train.train`'s caption dropout works as for the base.
+    """
+
+    def __init__(self, text_model: nn.Module, config: ControlNetConfig | None = None, **kwargs) -> None:
+        super().__init__()
+        self.text = text_model.requires_grad_(False).eval()
+        self.controlnet = ControlNet(text_model.denoiser, config, **kwargs)
+
+    @property
+    def null_class(self) -> int:
+        return self.text.null_class
+
+    @property
+    def config(self) -> ControlNetConfig:
+        return self.controlnet.config
+
+    def train(self, mode: bool = True) -> TextControlNet:
+        super().train(mode)
+        self.text.eval()
+        self.controlnet.train(mode)  # its base (the text model's UNet) stays in eval mode
+        return self
+
+    def num_parameters(self) -> int:
+        return self.controlnet.num_parameters()
+
+    def forward(self, x: Tensor, t: Tensor | float, y: Tensor | None = None, context: Tensor | None = None,
+                context_mask: Tensor | None = None, *, control: Tensor, scale: float = 1.0) -> Tensor:
+        if context is not None or context_mask is not None:
+            raise ValueError("a TextControlNet makes its context from the token rows y; pass y, not context")
+        context, context_mask = self.text.encoder(self.text.captions(y, x.shape[0], x.device))
+        return self.controlnet(x, t, context=context, context_mask=context_mask, control=control, scale=scale)
+
+    bind = ControlNet.bind
+
+
+def controlnet_for(base: nn.Module, config: ControlNetConfig | None = None, **kwargs) -> nn.Module:
+    r"""The ControlNet of a trained model: a {class}`ControlNet` on a {class}`~stepdiff.models.unet.UNet`,
+    a {class}`TextControlNet` on a text-conditioned UNet. Either freezes ``base`` in place;
+    $f(x_t, t, c) = f_{\rm base}(x_t, t)$ exactly until trained."""
+    from .text import TextConditioned
+
+    if isinstance(base, TextConditioned):
+        if not isinstance(base.denoiser, UNet):
+            raise TypeError(f"a ControlNet needs a UNet; the text model's denoiser is a {type(base.denoiser).__name__}")
+        return TextControlNet(base, config, **kwargs)
+    if not isinstance(base, UNet):
+        raise TypeError(f"a ControlNet needs a UNet (or a text-conditioned UNet); got {type(base).__name__}")
+    return ControlNet(base, config, **kwargs)
+
+
+CONTROLS = ("mask", "edges")
+
+
+def control_maps(masks: Tensor | None, edges: Tensor | None, control: str) -> Tensor:
+    r"""The control map of "shapes" scenes ``[N, 1, H, W]``: ``"mask"``, the union of the objects'
+    visible masks thresholded at one half, $\mathbb 1\big[\sum_k m_k > \tfrac12\big]$; or ``"edges"``,
+    the dataset's edge map $e$ (see {mod}`stepdiff.shapes`)."""
+    if control not in CONTROLS:
+        raise ValueError(f"unknown control {control!r}; choose one of {CONTROLS}")
+    if control == "mask":
+        if masks is None:
+            raise ValueError("control 'mask' needs the scenes' masks (make_shapes(..., masks=True))")
+        return (masks.sum(1, keepdim=True) > 0.5).to(masks.dtype)
+    if edges is None:
+        raise ValueError("control 'edges' needs the scenes' edge maps (make_shapes(..., masks=True))")
+    return edges
+
+
 # --- training -----------------------------------------------------------------------------------
 
 
@@ -241,6 +315,7 @@ def controlnet_loss(
     schedule,
     *,
     prediction: str = "eps",
+    weighting: Callable[[Tensor], Tensor] | None = None,
     y: Tensor | None = None,
     context: Tensor | None = None,
     context_mask: Tensor | None = None,
@@ -251,7 +326,8 @@ def controlnet_loss(
     r"""The diffusion loss of the base's parametrisation with the control map given:
     $\mathbb E\,\tfrac1D\|f(x_t, t, c) - (A_tx_0 + B_t\varepsilon)\|^2$ ({func}`stepdiff.train.diffusion_loss`).
     ``y``, ``context``, ``context_mask``: the base's conditions (a text-conditioned base gets the
-    context of its frozen text encoder). Only the ControlNet's own parameters receive gradients."""
+    context of its frozen text encoder); ``weighting``: the base's $w(t)$, if it had one. Only the
+    ControlNet's own parameters receive gradients."""
     from ..train import diffusion_loss
 
     extra = {k: v for k, v in (("context", context), ("context_mask", context_mask)) if v is not None}
@@ -259,11 +335,12 @@ def controlnet_loss(
     def denoiser(x: Tensor, t: Tensor, *label: Tensor) -> Tensor:
         return model(x, t, *label, control=control, **extra)
 
-    return diffusion_loss(denoiser, x0, schedule, prediction=prediction, y=y, generator=generator,
-                          t_min=t_min, t_max=t_max)
+    return diffusion_loss(denoiser, x0, schedule, prediction=prediction, weighting=weighting, y=y,
+                          generator=generator, t_min=t_min, t_max=t_max)
 
 
-def packed_loss_fn(schedule, image_channels: int, *, prediction: str = "eps", t_min: float = 0.0,
+def packed_loss_fn(schedule, image_channels: int, *, prediction: str = "eps",
+                   weighting: Callable[[Tensor], Tensor] | None = None, t_min: float = 0.0,
                    t_max: float = 1.0) -> Callable:
     r"""A ``loss_fn(model, batch, y, generator)`` for {func}`stepdiff.train.train` whose data are images
     and control maps concatenated along the channels, $[x_0, c]$ = ``torch.cat([images, control], 1)``:
@@ -278,8 +355,8 @@ def packed_loss_fn(schedule, image_channels: int, *, prediction: str = "eps", t_
                 f"got a batch of shape {tuple(batch.shape)}"
             )
         x0, control = batch[:, :image_channels], batch[:, image_channels:]
-        return controlnet_loss(model, x0, control, schedule, prediction=prediction, y=y, generator=generator,
-                               t_min=t_min, t_max=t_max)
+        return controlnet_loss(model, x0, control, schedule, prediction=prediction, weighting=weighting, y=y,
+                               generator=generator, t_min=t_min, t_max=t_max)
 
     return loss_fn
 

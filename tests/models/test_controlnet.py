@@ -203,3 +203,47 @@ def test_object_mask_estimate_on_real_shapes_and_iou():
     assert mask_iou(a, b).tolist() == pytest.approx([1.0, 1 / 3, 1.0])
     with pytest.raises(ValueError, match="images"):
         object_mask_from_image(torch.zeros(2, 1, 4, 4))
+
+
+# --- a ControlNet run of the stepdiff command -------------------------------------------------------
+
+TINY_UNET = {"arch": "unet", "preset": "tiny", "channels": 8, "channel_mult": [1, 2], "attn_levels": [1], "heads": 2,
+             "norm_groups": 4, "text": {"dim": 16, "depth": 1, "heads": 2}}
+SHAPES16 = {"name": "shapes", "size": 16, "condition": "text", "n": 48, "n_objects": [1, 2]}
+
+
+@pytest.mark.parametrize("control", ["mask", "edges"])
+def test_controlnet_runs_through_the_command_and_leaves_the_base_alone(tmp_path, control):
+    from stepdiff import checkpoints
+    from stepdiff.models.controlnet import TextControlNet
+    from stepdiff.runs import train_run
+
+    train_run({"name": "base", "data": SHAPES16, "model": TINY_UNET,
+               "train": {"steps": 2, "batch_size": 8, "threads": 1, "label_dropout": 0.1}}, tmp_path / "base.pt")
+    base, _ = checkpoints.load(tmp_path / "base.pt")
+    cfg = {"kind": "controlnet", "name": "cn", "base": {"model": str(tmp_path / "base.pt")}, "data": SHAPES16,
+           "model": {"control": control, "hint_widths": [8]},
+           "train": {"steps": 3, "batch_size": 8, "threads": 1, "label_dropout": 0.1}}
+    result = train_run(cfg, tmp_path / "cn.pt")
+    assert len(result.losses) == 3
+    net, record = checkpoints.load(tmp_path / "cn.pt")
+    assert isinstance(net, TextControlNet) and record["kind"] == "controlnet"
+    for weights in (net.text.state_dict(), checkpoints.load(tmp_path / "cn.pt", ema=False)[0].text.state_dict()):
+        assert all(torch.equal(weights[k], v) for k, v in base.state_dict().items())
+    x, t = torch.randn(2, 3, 16, 16), torch.full((2,), 0.5)
+    tokens = torch.ones(2, 3, dtype=torch.long)
+    with torch.no_grad():
+        assert net(x, t, tokens, control=torch.rand(2, 1, 16, 16)).shape == x.shape
+
+
+def test_controlnet_configuration_errors():
+    from stepdiff.config import ConfigError, resolve
+
+    base = {"model": "somewhere.pt"}
+    with pytest.raises(ConfigError, match="control"):
+        resolve({"kind": "controlnet", "base": base, "data": SHAPES16, "model": {"control": "depth"}})
+    with pytest.raises(ConfigError, match="shapes"):
+        resolve({"kind": "controlnet", "base": base, "data": {"name": "digits"}})
+    with pytest.raises(ConfigError, match="hint_widths"):
+        resolve({"kind": "controlnet", "base": base, "data": SHAPES16, "model": {"hint_widths": [0]}})
+    assert resolve({"kind": "controlnet", "base": base, "data": SHAPES16})["model"]["control"] == "mask"
