@@ -80,7 +80,7 @@ __all__ = [
     "adapter_training",
 ]
 
-KINDS = ("diffusion", "classifier", "clip", "vae", "autoencoder", "controlnet", "distill")
+KINDS = ("diffusion", "classifier", "clip", "vae", "autoencoder", "controlnet", "distill", "inpaint")
 PART_KINDS = ("clip", "vae", "autoencoder")  # the text-to-image stack's parts: stepdiff.pipelines.PART_KINDS
 # Runs built on a trained diffusion model named in [base]: a ControlNet (stepdiff.models.controlnet) and a
 # distilled student (stepdiff.distill).
@@ -197,6 +197,10 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "classifier": {"data": _DATA, "model": _MODEL_CLASSIFIER, "train": _TRAIN_CLASSIFIER},
     **{kind: {"data": _DATA, "model": _MODEL_PART, "train": _TRAIN_PART} for kind in PART_KINDS},
     "controlnet": {"base": _BASE, "data": _DATA, "model": _MODEL_CONTROLNET, "train": _TRAIN_DIFFUSION},
+    # A diffusion model that also reads a mask and the masked image (stepdiff.editing.MaskedInputDenoiser),
+    # trained on random box masks: the tables of a diffusion run.
+    "inpaint": {"data": _DATA, "model": _MODEL_DIFFUSION, "objective": _OBJECTIVE, "train": _TRAIN_DIFFUSION,
+                "sample": _SAMPLE, "evaluate": _EVALUATE},
     "distill": {"base": _BASE, "data": _DATA, "distill": _DISTILL, "train": _TRAIN_DIFFUSION},
 }
 """Every table of a configuration of each kind, with the default of each key."""
@@ -328,7 +332,7 @@ def resolve(raw: dict, *, source: str = "the configuration") -> dict:
     cfg: dict[str, Any] = {"name": name, "kind": kind}
     for table, defaults in tables.items():
         cfg[table] = _merge(table, raw.get(table, {}), defaults,
-                            open_keys=(table == "model" and kind in ("diffusion", *PART_KINDS)))
+                            open_keys=(table == "model" and kind in ("diffusion", "inpaint", *PART_KINDS)))
 
     data = cfg["data"]
     _choice("data", "name", data["name"], DATASETS)
@@ -345,8 +349,10 @@ def resolve(raw: dict, *, source: str = "the configuration") -> dict:
         raise ConfigError(f"[data] n_objects must be [lo, hi] with 1 <= lo <= hi <= 3; got {lo_hi!r}")
     data["n_objects"] = list(lo_hi)
 
-    if kind == "diffusion":
+    if kind in ("diffusion", "inpaint"):
         _resolve_diffusion(cfg)
+        if kind == "inpaint" and data["condition"] == "text":
+            raise ConfigError("kind 'inpaint' takes [data] condition = 'none' or 'class', not 'text'")
     elif kind in PART_KINDS:
         _resolve_part(cfg)
     elif kind in ADAPTER_KINDS:
@@ -667,8 +673,14 @@ def build_model(cfg: dict, *, seed: int | None = None) -> nn.Module:
             return _build_adapter(cfg)
         from .models import DiT, TextConditioned, TextEncoder, UNet
 
-        config = _model_config(cfg)
+        channels = _channels(cfg["data"])
+        inpaint = cfg["kind"] == "inpaint"  # x_t, the masked image and the mask as input channels
+        config = _model_config(cfg, image_channels=2 * channels + 1 if inpaint else None)
         net = (UNet if cfg["model"]["arch"] == "unet" else DiT)(config)
+        if inpaint:
+            from .editing import MaskedInputDenoiser
+
+            return MaskedInputDenoiser(net, channels)
         if cfg["data"]["condition"] != "text":
             return net
         from .text import Tokenizer

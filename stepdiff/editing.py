@@ -57,6 +57,7 @@ __all__ = [
     "MaskedInputDenoiser",
     "random_box_masks",
     "masked_diffusion_loss",
+    "masked_loss_fn",
     "inpaint_with_model",
 ]
 
@@ -416,6 +417,7 @@ def masked_diffusion_loss(
     prediction: str = "eps",
     mask: Tensor | None = None,
     empty_fraction: float = 0.1,
+    weighting: Callable[[Tensor], Tensor] | None = None,
     y: Tensor | None = None,
     generator: torch.Generator | None = None,
     t_min: float = 0.0,
@@ -428,8 +430,8 @@ def masked_diffusion_loss(
     the regression of {func}`stepdiff.train.diffusion_loss` with the model given the known part
     of its own clean image. ``mask`` ``[B, 1, H, W]``: by default {func}`random_box_masks`, with a
     fraction ``empty_fraction`` of the batch entirely unknown (so the model also learns to
-    generate with nothing known). Returns a scalar; train it with ``train(model, images,
-    loss_fn=lambda m, x, y, g: masked_diffusion_loss(m, x, schedule, y=y, generator=g))``.
+    generate with nothing known). ``weighting``: $w(t)$ as in {func}`stepdiff.train.diffusion_loss`.
+    Returns a scalar; train it with ``train(model, images, loss_fn=masked_loss_fn(schedule))``.
     """
     from .train import diffusion_loss
 
@@ -448,8 +450,20 @@ def masked_diffusion_loss(
     def denoiser(x: Tensor, t: Tensor, *label: Tensor) -> Tensor:
         return model(x, t, *label, known=x0, mask=m)
 
-    return diffusion_loss(denoiser, x0, schedule, prediction=prediction, y=y, generator=generator,
-                          t_min=t_min, t_max=t_max)
+    return diffusion_loss(denoiser, x0, schedule, prediction=prediction, weighting=weighting, y=y,
+                          generator=generator, t_min=t_min, t_max=t_max)
+
+
+def masked_loss_fn(schedule: Schedule, *, prediction: str = "eps", weighting: Callable[[Tensor], Tensor] | None = None,
+                   t_min: float = 0.0, t_max: float = 1.0) -> Callable:
+    r"""{func}`masked_diffusion_loss` as a ``loss_fn(model, x0, y, generator)`` for {func}`stepdiff.train.train`:
+    $\mathbb E\,w(t)\tfrac1D\|f_\theta([x_t, m\odot x_0, m], t) - (A_tx_0 + B_t\varepsilon)\|^2$ on random masks."""
+
+    def loss_fn(model: MaskedInputDenoiser, x0: Tensor, y: Tensor | None, generator: torch.Generator) -> Tensor:
+        return masked_diffusion_loss(model, x0, schedule, prediction=prediction, weighting=weighting, y=y,
+                                     generator=generator, t_min=t_min, t_max=t_max)
+
+    return loss_fn
 
 
 def inpaint_with_model(

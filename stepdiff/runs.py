@@ -212,6 +212,11 @@ def _train_diffusion(cfg, out, resume, stop_after, argv, progress, device, world
 
         schedule, prediction, weighting = None, "eps", None
         images, loss_fn = adapter_training(cfg, model, data)
+    elif cfg["kind"] == "inpaint":  # the masked-input model: the diffusion loss on random masks
+        from .editing import masked_loss_fn
+
+        schedule, prediction, weighting = build_objective(cfg)
+        loss_fn = masked_loss_fn(schedule, prediction=prediction, weighting=weighting)
     else:
         schedule, prediction, weighting = build_objective(cfg)
         loss_fn = None
