@@ -550,7 +550,7 @@ def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) 
     return (hi + ramp * (lo - hi)) ** rho
 
 
-SPACINGS = ("uniform", "quadratic", "karras", "logsnr", *TIMESTEP_SPACINGS)
+SPACINGS = ("uniform", "quadratic", "karras", "logsnr", "cosine", *TIMESTEP_SPACINGS)
 
 
 def _top_noise_level(schedule: Schedule, t_max: float, sigma_max: float | None, spacing: str) -> float:
@@ -598,6 +598,14 @@ def time_grid(
       has the same $h = \Delta\lambda/2$ of the exponential integrators (DPM-Solver, UniPC);
       it is Karras' grid in the limit $\rho \to \infty$ ("exponential" in k-diffusion) and
       works for any schedule. Needs ``schedule``.
+    - ``"cosine"``: the uniform grid of the cosine schedule (Nichol & Dhariwal 2021, offset 0),
+      carried to any schedule through $\lambda$: the VE noise levels
+      $\tilde\sigma_i = \tan\big(\tfrac\pi2u_0(1 - i/n)\big)$, $i = 0, \dots, n$, with
+      $u_0 = \tfrac2\pi\arctan\tilde\sigma(t_{\max})$ so that $t_0 = t_{\max}$ (and $u_0 = 1$ when
+      $\tilde\sigma(t_{\max}) = \infty$, as for flow matching at $t = 1$). In log-SNR,
+      $\lambda_i = 2\log\tan\frac{\pi i}{2n}$ when $u_0 = 1$: symmetric about $\lambda = 0$
+      (SNR 1, the scale of unit-variance data), dense there and sparse at both ends. It is the
+      default grid of :func:`stepdiff.samplers.sample`. Needs ``schedule``.
     - ``"leading"``, ``"trailing"``, ``"linspace"``: the diffusers spacings of a
       :class:`DiscreteVPSchedule` (see :meth:`DiscreteVPSchedule.timesteps`).
 
@@ -635,6 +643,12 @@ def time_grid(
             if sigma_max is None:
                 ts[0] = t_max
         ts = torch.cat([ts.clamp(0.0, 1.0), torch.zeros(1, dtype=torch.float64)])
+    elif spacing == "cosine":
+        if schedule is None:
+            raise ValueError("spacing='cosine' needs the schedule (to map noise levels to times)")
+        u0 = 2.0 / math.pi * math.atan(float(schedule.sigma_ve(t_max)))  # atan(inf) = pi / 2
+        ts = schedule.t_from_sigma_ve(torch.tan(math.pi / 2 * u0 * (1 - i[1:-1] / n_steps))).clamp(0.0, 1.0)
+        ts = torch.cat([torch.full((1,), float(t_max), dtype=torch.float64), ts, torch.zeros(1, dtype=torch.float64)])
     elif spacing in TIMESTEP_SPACINGS:
         if not isinstance(schedule, DiscreteVPSchedule):
             raise ValueError(f"spacing={spacing!r} needs a DiscreteVPSchedule")

@@ -188,6 +188,30 @@ def test_logsnr_grid_is_uniform_in_log_snr_and_hits_the_ends(schedule, n):
     )
 
 
+@pytest.mark.parametrize("schedule", ALL, ids=IDS)
+@pytest.mark.parametrize("n", [1, 2, 9, 40])
+def test_cosine_grid(schedule, n):
+    """The VE noise levels are tan(pi/2 u0 (1 - i/n)) with u0 = 2/pi arctan sigma_ve(t_max): the
+    uniform grid of the offset-free cosine schedule, from t_max exactly down to t = 0."""
+    for t_max in (1.0, 0.6):
+        ts = time_grid(n, "cosine", schedule, t_max=t_max)
+        assert ts.numel() == n + 1 and ts[0] == t_max and ts[-1] == 0.0 and bool((ts.diff() < 0).all())
+        u0 = 2 / math.pi * math.atan(float(schedule.sigma_ve(t_max)))
+        u = u0 * (1 - torch.arange(1, n, dtype=f64) / n)
+        torch.testing.assert_close(schedule.sigma_ve(ts[1:-1]), torch.tan(math.pi / 2 * u), rtol=1e-7, atol=1e-9)
+
+
+def test_cosine_grid_is_symmetric_in_log_snr():
+    """From lambda = -inf (flow matching at t = 1), lambda_i = 2 log tan(pi i / 2n): lambda_{n-i} = -lambda_i;
+    on the continuous cosine schedule it is nearly its own uniform grid (the offset s = 0.008 aside)."""
+    fm = FlowMatchingSchedule()
+    lam = fm.log_snr(time_grid(10, "cosine", fm)[1:-1])
+    torch.testing.assert_close(lam, 2 * torch.log(torch.tan(math.pi * torch.arange(1, 10, dtype=f64) / 20)))
+    torch.testing.assert_close(lam, -lam.flip(0))
+    cos = VPCosineSchedule()
+    assert float((time_grid(10, "cosine", cos) - time_grid(10, "uniform")).abs().max()) < 0.01
+
+
 def test_logsnr_grid_is_the_karras_limit():
     """Karras' rho-spacing tends to log-spacing of sigma (uniform log-SNR) as rho grows, like 1/rho."""
     vp = VPLinearSchedule()
@@ -229,6 +253,8 @@ def test_bad_inputs():
         time_grid(5, "logsnr", VPLinearSchedule(), sigma_min=500.0)
     with pytest.raises(ValueError, match="sigma_max must be a positive finite"):
         time_grid(5, "logsnr", VPLinearSchedule(), sigma_max=-1.0)
+    with pytest.raises(ValueError, match="cosine.*needs the schedule"):
+        time_grid(5, "cosine")
     with pytest.raises(ValueError, match="above the schedule's largest noise level"):
         time_grid(5, "logsnr", VESchedule(2.5), sigma_max=3.0)
     with pytest.raises(ValueError, match="DiscreteVPSchedule"):
