@@ -36,9 +36,9 @@ def _controls(batch: int, channels: int = 1, size: int = 8, seed: int = 1) -> to
     return torch.rand(batch, channels, size, size, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("conditioning", ["none", "class", "context"])
+@pytest.mark.parametrize("conditioning", ["none", "class", "context", "channels_last"])
 def test_at_initialisation_the_output_is_the_base_output_bit_for_bit(conditioning):
-    kwargs, extra = {}, {}
+    kwargs, extra = ({"channels_last": True} if conditioning == "channels_last" else {}), {}
     if conditioning == "class":
         kwargs, extra = {"n_classes": 4}, {"y": torch.tensor([0, 3, 4])}
     elif conditioning == "context":
