@@ -52,6 +52,8 @@ __all__ = [
     "Model",
     "ddim_coefficients",
     "posterior_coefficients",
+    "DDPM_VARIANCES",
+    "ddpm_coefficients",
     "tutorial_ddpm_coefficients",
     "tutorial_ddim_coefficients",
     "euler_coefficients",
@@ -123,6 +125,41 @@ def posterior_coefficients(schedule: Schedule, t: Tensor, s: Tensor):
     s_t2, s_s2 = schedule.sigma(t) ** 2, schedule.sigma(s) ** 2
     s_ts2 = (s_t2 - a_ts**2 * s_s2).clamp(min=0.0)
     return a_ts * s_s2 / s_t2, schedule.alpha(s) * s_ts2 / s_t2, torch.sqrt(s_ts2 * s_s2 / s_t2)
+
+
+DDPM_VARIANCES = ("posterior", "forward")
+"""The two classic choices of the DDPM step's noise variance (Ho et al. 2020, §3.2): see :func:`ddpm_coefficients`."""
+
+
+def ddpm_coefficients(schedule: Schedule, t: Tensor, s: Tensor, variance: str = "posterior"):
+    r"""The ancestral step from $t$ to $s < t$: the posterior mean, and one of two noise variances.
+
+    The mean is always that of :func:`posterior_coefficients`,
+    $\tilde\mu = \frac{\alpha_{t|s}\sigma_s^2}{\sigma_t^2}x_t + \frac{\alpha_s\sigma_{t|s}^2}{\sigma_t^2}\hat x_0$.
+    The variance is
+
+    - ``"posterior"``: $\tilde\beta = \sigma_{t|s}^2\sigma_s^2/\sigma_t^2$, the variance of the
+      true posterior $q(x_s\mid x_t, x_0)$ (Ho et al.'s $\sigma_t^2 = \tilde\beta_t$): exact
+      when the data are one point, $x_0$ deterministic;
+    - ``"forward"``: $\beta = \sigma_{t|s}^2 = \sigma_t^2 - \alpha_{t|s}^2\sigma_s^2$, the variance
+      of the forward transition $q(x_t\mid x_s)$ (Ho et al.'s $\sigma_t^2 = \beta_t$ between
+      consecutive levels): exact when $x_0\sim\mathcal N(0, I)$ on a variance-preserving
+      schedule, where $p(x_s\mid x_t) = \mathcal N(\alpha_{t|s}x_t, \beta)$. The step that
+      lands on $t = 0$ adds no noise, as in Ho et al.'s Algorithm 2 ($z = 0$ at the last step):
+      there $\beta = \sigma_t^2$ would put the whole noise level back on the output.
+
+    Ho et al. call the two the upper and lower bounds on the reverse process entropy, and found
+    them about equally good at 1000 steps. $\tilde\beta \le \beta$ always (their ratio is
+    $\sigma_s^2/\sigma_t^2$). Returns $(c_x, c_{x_0}, c_{\rm noise})$.
+    """
+    if variance not in DDPM_VARIANCES:
+        raise ValueError(f"unknown DDPM variance {variance!r}; choose one of {DDPM_VARIANCES}")
+    c_x, c_x0, c_noise = posterior_coefficients(schedule, t, s)
+    if variance == "forward":
+        a_ts = schedule.alpha(t) / schedule.alpha(s)
+        beta = (schedule.sigma(t) ** 2 - a_ts**2 * schedule.sigma(s) ** 2).clamp(min=0.0)
+        c_noise = torch.where(torch.as_tensor(s) > 0, torch.sqrt(beta), torch.zeros_like(beta))
+    return c_x, c_x0, c_noise
 
 
 def _check_ve(schedule: Schedule, ts: Tensor, who: str) -> None:
@@ -348,6 +385,7 @@ def sample_ddpm(
     ts: Tensor,
     *,
     prediction: str = "x0",
+    variance: str = "posterior",
     generator: torch.Generator | int | None = None,
     clip_x0: float | None = None,
     return_trajectory: bool = False,
@@ -358,10 +396,12 @@ def sample_ddpm(
     The step uses the true posterior of :func:`posterior_coefficients`; on a
     :class:`~stepdiff.schedules.DiscreteVPSchedule` with consecutive levels this is Ho et al.'s
     eq. 11 with the posterior variance $\tilde\beta_t$. It equals DDIM with $\eta = 1$.
+    ``variance="forward"`` keeps the mean and takes Ho et al.'s other choice, $\beta_t$, the
+    variance of the forward step (:func:`ddpm_coefficients`).
     ``clip_x0`` clamps $\hat x_0$ to $[-c, c]$ (the ``clip_sample`` of diffusers).
     """
     run = _Run(model, x, schedule, ts, prediction, generator, return_trajectory, progress, "ddpm")
-    coefficients = posterior_coefficients(schedule, run.ts[:-1], run.ts[1:])
+    coefficients = ddpm_coefficients(schedule, run.ts[:-1], run.ts[1:], variance)
     return _affine_sampler(run, x, coefficients, clip_x0, noisy=True)
 
 
