@@ -48,6 +48,7 @@ __all__ = [
     "time_grid",
     "karras_sigmas",
     "shift_time",
+    "rescale_zero_terminal_snr",
     "check_time",
 ]
 
@@ -398,7 +399,7 @@ class DiscreteVPSchedule(Schedule):
 
             betas = (1 - abar((i + 1) / T) / abar(i / T)).clamp(max=0.999)
         if rescale_betas_zero_snr:
-            betas = _rescale_zero_terminal_snr(betas)
+            betas = rescale_zero_terminal_snr(betas)
         self.betas = betas
         self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
         # Knots of the continuous view: t = 0 (clean) followed by t_k = (k + 1) / T.
@@ -488,8 +489,36 @@ class DiscreteVPSchedule(Schedule):
         return torch.cat([self.t_of_index(k), torch.zeros(1, dtype=torch.float64)])
 
 
-def _rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
-    """Lin et al. (2024), Algorithm 1: make the last level pure noise, keep the first."""
+def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
+    r"""Lin et al. (2024), Algorithm 1: rescale a discrete schedule to zero terminal SNR.
+
+    With $\sqrt{\bar\alpha_k}$ the signal coefficients of ``betas`` ($\bar\alpha_k = \prod_{i\le k}(1-\beta_i)$,
+    $k = 0, \dots, T-1$), the rescaled coefficients are the affine map that keeps the first and
+    sends the last to zero,
+
+    $$\sqrt{\bar\alpha'_k} = \big(\sqrt{\bar\alpha_k} - \sqrt{\bar\alpha_{T-1}}\big)\,
+    \frac{\sqrt{\bar\alpha_0}}{\sqrt{\bar\alpha_0} - \sqrt{\bar\alpha_{T-1}}},$$
+
+    and the returned betas are $\beta'_k = 1 - \bar\alpha'_k/\bar\alpha'_{k-1}$ ($\beta'_0 = 1 - \bar\alpha'_0
+    = \beta_0$). The last one is exactly 1: the last level is pure noise, $\mathrm{SNR}_{T-1} = 0$.
+    ``betas``: 1-D, at least 2 entries, each in $(0, 1)$. Returns float64.
+
+    ```python
+    >>> import torch
+    >>> b = rescale_zero_terminal_snr(torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64))
+    >>> round(float(b[0]), 12), float(b[-1])  # the first level kept (to rounding), the last pure noise
+    (0.0001, 1.0)
+
+    ```
+    """
+    betas = torch.as_tensor(betas)
+    if not betas.is_floating_point() or betas.ndim != 1 or betas.numel() < 2:
+        raise ValueError(f"betas must be a 1-D floating tensor with at least 2 entries; got {tuple(betas.shape)} "
+                         f"of {betas.dtype}")
+    if bool(((betas <= 0) | (betas >= 1) | betas.isnan()).any()):
+        lo, hi = float(betas.min()), float(betas.max())
+        raise ValueError(f"betas must lie in (0, 1); got values in [{lo:.6g}, {hi:.6g}]")
+    betas = betas.to(torch.float64)
     abar_sqrt = torch.cumprod(1.0 - betas, dim=0).sqrt()
     first, last = abar_sqrt[0].clone(), abar_sqrt[-1].clone()
     abar_sqrt = (abar_sqrt - last) * first / (first - last)

@@ -16,6 +16,7 @@ from stepdiff.schedules import (
     check_time,
     get_schedule,
     karras_sigmas,
+    rescale_zero_terminal_snr,
     shift_time,
     time_grid,
 )
@@ -132,6 +133,51 @@ def test_zero_terminal_snr_rescale():
     assert float(s.alphas_cumprod[-1]) == pytest.approx(0.0, abs=1e-12)
     assert float(s.alphas_cumprod[0]) == pytest.approx(float(plain.alphas_cumprod[0]), rel=1e-9)
     assert float(s.alpha(1.0)) == pytest.approx(0.0, abs=1e-6) and float(s.sigma(1.0)) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("T", [2, 7, 37, 1000])
+def test_rescale_zero_terminal_snr_is_the_affine_map_of_sqrt_alphabar(T):
+    """Lin et al.'s Algorithm 1: sqrt(alphabar') = a sqrt(alphabar) + b with the first level kept and
+    the last sent to 0; checked against that closed form in NumPy on random schedules of odd lengths."""
+    import numpy as np
+
+    g = torch.Generator().manual_seed(T)
+    betas = torch.sort(torch.rand(T, generator=g, dtype=f64) * 0.05 + 1e-4).values
+    out = rescale_zero_terminal_snr(betas)
+    assert out.dtype == f64 and out.shape == (T,)
+    root = np.sqrt(np.cumprod(1.0 - betas.numpy()))
+    expected = (root - root[-1]) * root[0] / (root[0] - root[-1])
+    got = np.sqrt(np.cumprod(1.0 - out.numpy()))
+    np.testing.assert_allclose(got[:-1], expected[:-1], rtol=1e-10)
+    assert float(out[-1]) == 1.0 and got[-1] == 0.0
+    assert float(out[0]) == pytest.approx(float(betas[0]), rel=1e-10)
+    assert bool(((out[:-1] > 0) & (out[:-1] < 1)).all())
+    # float32 input is computed in float64
+    b32 = betas.float()
+    torch.testing.assert_close(rescale_zero_terminal_snr(b32), rescale_zero_terminal_snr(b32.double()))
+
+
+def test_rescale_zero_terminal_snr_is_what_the_discrete_schedule_uses():
+    plain = DiscreteVPSchedule(1000, "scaled_linear", 0.00085, 0.012)
+    rescaled = DiscreteVPSchedule(1000, "scaled_linear", 0.00085, 0.012, rescale_betas_zero_snr=True)
+    torch.testing.assert_close(rescaled.betas, rescale_zero_terminal_snr(plain.betas), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (torch.tensor([0.01]), "at least 2"),
+        (torch.full((2, 3), 0.01), "1-D"),
+        (torch.tensor([1, 2]), "floating"),
+        (torch.tensor([0.01, 0.0, 0.02]), r"\(0, 1\)"),
+        (torch.tensor([0.01, 1.0]), r"\(0, 1\)"),
+        (torch.tensor([-0.1, 0.5]), r"\(0, 1\)"),
+        (torch.tensor([0.01, float("nan")]), r"\(0, 1\)"),
+    ],
+)
+def test_rescale_zero_terminal_snr_refuses_bad_betas(bad, match):
+    with pytest.raises(ValueError, match=match):
+        rescale_zero_terminal_snr(bad)
 
 
 def test_timestep_spacings_match_diffusers():
