@@ -115,9 +115,14 @@ _DATA = {
     "caption_style": "mixed",  # shapes: positional | relational | mixed
     "channels": 3,  # image-folder: 1 or 3
     "pad": 0,  # mnist, fashion-mnist: background added on every side (2 gives 32x32)
+    # diffusion: a trained autoencoder (a committed model's name or a checkpoint): the run trains and
+    # samples in its scaled latents (latent diffusion), and sampled latents are decoded to images
+    "latent": "",
 }
 _MODEL_DIFFUSION = {"arch": "unet", "preset": "tiny", "text": {}}
-_TEXT = {"dim": 64, "depth": 2, "heads": 4}
+# clip: a trained CLIP (a committed model's name or a checkpoint) whose text tower, frozen, encodes the
+# captions instead of a text encoder trained with the model (dim, depth and heads are then the CLIP's)
+_TEXT = {"dim": 64, "depth": 2, "heads": 4, "clip": ""}
 _MODEL_CLASSIFIER = {"arch": "digits-cnn", "width": None, "feature_dim": None, "hidden": None}
 _OBJECTIVE = {
     "schedule": "vp-cosine",
@@ -348,6 +353,8 @@ def resolve(raw: dict, *, source: str = "the configuration") -> dict:
     if not (len(lo_hi) == 2 and all(isinstance(v, int) for v in lo_hi) and 1 <= lo_hi[0] <= lo_hi[1] <= 3):
         raise ConfigError(f"[data] n_objects must be [lo, hi] with 1 <= lo <= hi <= 3; got {lo_hi!r}")
     data["n_objects"] = list(lo_hi)
+    if data["latent"] and kind != "diffusion":
+        raise ConfigError(f"[data] latent (latent diffusion) is for kind 'diffusion', not {kind!r}")
 
     if kind in ("diffusion", "inpaint"):
         _resolve_diffusion(cfg)
@@ -381,6 +388,17 @@ def _resolve_diffusion(cfg: dict) -> None:
     model, obj, train, sample, data = cfg["model"], cfg["objective"], cfg["train"], cfg["sample"], cfg["data"]
     _choice("model", "arch", model["arch"], ARCHS)
     model["text"] = _merge("model.text", model["text"], _TEXT)
+    if model["text"]["clip"]:
+        if data["condition"] != "text":
+            raise ConfigError(f"[model.text] clip encodes captions: it needs [data] condition = 'text', "
+                              f"not {data['condition']!r}")
+        if model["arch"] != "unet":
+            raise ConfigError(f"[model.text] clip: the CLIP-conditioned model is a UNet ([model] arch = 'unet'), "
+                              f"not {model['arch']!r}")
+        load_part(model["text"]["clip"], "clip", "[model.text] clip")
+    if data["latent"]:
+        load_part(data["latent"], "autoencoder", "[data] latent")
+        sample_shape(cfg)  # checks that the images fit the autoencoder
     _model_config(cfg)  # checks the preset and the changes
     _choice("objective", "schedule", obj["schedule"], SCHEDULES)
     _choice("objective", "prediction", obj["prediction"], PREDICTIONS)
@@ -621,7 +639,7 @@ def _model_config(cfg: dict, image_channels: int | None = None):
     for key in ("in_channels", "n_classes", "context_dim"):
         if key in changes:
             raise ConfigError(f"[model] {key} is set from [data] (its images and condition); remove it")
-    changes["in_channels"] = image_channels or _channels(data)
+    changes["in_channels"] = image_channels or sample_shape(cfg)[0]
     if data["condition"] == "class":
         changes["n_classes"] = _n_classes(data)
     elif data["condition"] == "text":
@@ -633,6 +651,72 @@ def _model_config(cfg: dict, image_channels: int | None = None):
         return cls.preset(model["preset"], **changes)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"[model]: {err}") from None
+
+
+def load_part(source: str, kind: str, where: str) -> nn.Module:
+    """A trained part another run builds on (``kind`` ``autoencoder`` or ``clip``), named by ``where``
+    (the configuration's table and key) in any error: its own copy, frozen and in eval mode, so that
+    the caller may move or wrap it without touching anyone else's."""
+    try:
+        model, record = _load_cached(str(source))
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"{where} = {source!r}: {err}") from None
+    if record.get("kind") != kind:
+        raise ConfigError(f"{where} = {source!r} is a {record.get('kind')} model, not a {kind} model")
+    return copy.deepcopy(model).requires_grad_(False).eval()
+
+
+_PART_CACHE: dict[tuple, tuple[nn.Module, dict]] = {}
+
+
+def _load_cached(source: str) -> tuple[nn.Module, dict]:
+    # A configuration is resolved several times per run (and per load): read each part once, keyed by
+    # the file's identity so that a rewritten checkpoint is read again.
+    from . import checkpoints
+
+    path = Path(source)
+    key = (source, path.stat().st_mtime_ns, path.stat().st_size) if path.exists() else (source,)
+    if key not in _PART_CACHE:
+        if len(_PART_CACHE) > 8:
+            _PART_CACHE.clear()
+        _PART_CACHE[key] = checkpoints.load(source)
+    return _PART_CACHE[key]
+
+
+def part_provenance(source: str) -> dict:
+    """Which trained part a run used: its source, name, commit and weights' digest (from its record)."""
+    rec = _record(str(source))
+    return {"source": str(source), "name": rec.get("name"), "commit": rec.get("commit"),
+            "sha256": (rec.get("weights") or {}).get("sha256"), "step": rec.get("step")}
+
+
+def sample_shape(cfg: dict) -> tuple[int, int, int]:
+    r"""The shape ``(C, H, W)`` a diffusion configuration's model denoises: the images', or, with
+    ``[data] latent``, the autoencoder's latents of them ($c \times H/f \times W/f$)."""
+    data = cfg["data"]
+    size = data["size"] or {"digits": 8, "shapes": 32, "mnist": 28 + 2 * data["pad"],
+                            "fashion-mnist": 28 + 2 * data["pad"], "cifar10": 32}.get(data["name"])
+    shape = (_channels(data), size, size)
+    if not data.get("latent"):
+        return shape
+    ae = load_part(data["latent"], "autoencoder", "[data] latent")
+    if ae.config.in_channels != shape[0]:
+        raise ConfigError(f"[data] latent = {data['latent']!r} encodes {ae.config.in_channels}-channel images; "
+                          f"the {data['name']} images have {shape[0]}")
+    try:
+        return ae.latent_shape(size)
+    except ValueError as err:
+        raise ConfigError(f"[data] latent = {data['latent']!r}: {err}") from None
+
+
+def latent_training_images(cfg: dict, images: Tensor) -> Tensor:
+    r"""What a diffusion run trains on: ``images``, or with ``[data] latent`` their scaled latents
+    $z = s\,\mu_\phi(x)$ ({func}`stepdiff.pipelines.encode_dataset`)."""
+    if not cfg["data"].get("latent"):
+        return images
+    from .pipelines import encode_dataset
+
+    return encode_dataset(load_part(cfg["data"]["latent"], "autoencoder", "[data] latent"), images)
 
 
 def _channels(data: dict) -> int:
@@ -655,9 +739,9 @@ def build_model(cfg: dict, *, seed: int | None = None) -> nn.Module:
     """The network of a configuration, its initial weights drawn from ``seed`` (default: ``[train]
     seed``) without touching the global random state.
 
-    Diffusion: a {class}`~stepdiff.models.UNet` or {class}`~stepdiff.models.DiT` (class-conditional
-    with a null class, or wrapped with a {class}`~stepdiff.models.TextEncoder` in a
-    {class}`~stepdiff.models.TextConditioned` for text). Classifier: {class}`~stepdiff.classifiers.DigitsCNN`,
+    Diffusion: a {class}`~stepdiff.models.unet.UNet` or {class}`~stepdiff.models.dit.DiT` (class-conditional
+    with a null class, or wrapped with a {class}`~stepdiff.models.text.TextEncoder` in a
+    {class}`~stepdiff.models.text.TextConditioned` for text). Classifier: {class}`~stepdiff.classifiers.DigitsCNN`,
     {class}`~stepdiff.classifiers.DigitsMLP` or {class}`~stepdiff.classifiers.ShapesClassifier`.
     """
     seed = cfg["train"]["seed"] if seed is None else seed
@@ -676,6 +760,11 @@ def build_model(cfg: dict, *, seed: int | None = None) -> nn.Module:
         channels = _channels(cfg["data"])
         inpaint = cfg["kind"] == "inpaint"  # x_t, the masked image and the mask as input channels
         config = _model_config(cfg, image_channels=2 * channels + 1 if inpaint else None)
+        if cfg["data"]["condition"] == "text" and cfg["model"]["text"]["clip"]:
+            from .pipelines import latent_text_model
+
+            clip = load_part(cfg["model"]["text"]["clip"], "clip", "[model.text] clip")
+            return latent_text_model(clip, config)
         net = (UNet if cfg["model"]["arch"] == "unet" else DiT)(config)
         if inpaint:
             from .editing import MaskedInputDenoiser

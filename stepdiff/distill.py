@@ -135,7 +135,7 @@ class ConsistencyModel(nn.Module):
     r"""$f_\theta(x, t) = c_{\rm skip}(t)\,x + c_{\rm out}(t)\,\hat x_\theta(x, t)$ (see
     {func}`consistency_coefficients`), with $\hat x_\theta$ the $x_0$ read from ``net``'s ``prediction``.
 
-    ``net(x, t[, y])`` is any denoiser (an {class}`~stepdiff.models.MLP`, a UNet); a copy of a
+    ``net(x, t[, y])`` is any denoiser (an {class}`~stepdiff.models.mlp.MLP`, a UNet); a copy of a
     teacher's network makes the student start as the teacher's one-step DDIM to $t_{\min}$.
     ``forward(x, t, y=None)`` returns $f_\theta$, shaped like ``x``, and is exactly ``x`` at
     $t = t_{\min}$. ``t`` below ``t_min`` is an error. Being an estimate of $x_0$, it can also be

@@ -99,7 +99,7 @@ class ClassifierFreeGuidance:
     - ``y``: class ids, an ``int`` (the same class for every sample) or a ``LongTensor [B]``; the
       null condition is ``null`` if given, else ``model.null_class``;
     - ``y``: token ids ``LongTensor [B, L]`` for a text-conditioned model (which embeds them
-      itself, e.g. {class}`stepdiff.models.TextConditioned`); ``null``: token rows ``[L']`` or
+      itself, e.g. {class}`stepdiff.models.text.TextConditioned`); ``null``: token rows ``[L']`` or
       ``[B, L']`` (e.g. the tokenizer's ``empty(B)``), by default ``model.null_ids``; rows of
       different lengths are right-padded with ``pad_id`` (by default ``model.pad_id``);
     - ``context`` ``[B, L, D]`` with ``context_mask`` ``BoolTensor [B, L]`` (``True`` = real token;

@@ -135,7 +135,7 @@ class TextToImage:
       training (default: flow matching and the velocity).
     - ``tokenizer``: default {class}`~stepdiff.text.Tokenizer`.
 
-    ``pipe(prompts, ...)`` returns images ``[B, C, H, W]`` in $[-1, 1]$; see {meth}`__call__`.
+    ``pipe(prompts, ...)`` returns images ``[B, C, H, W]`` in $[-1, 1]$; see its ``__call__``.
     """
 
     def __init__(self, model: nn.Module, autoencoder: Autoencoder | None = None, *, image_size: int = 32,

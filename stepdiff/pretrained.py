@@ -3,7 +3,7 @@ r"""The committed models: small networks trained by ``stepdiff train``, shipped 
 Each committed model is a pair of files in ``stepdiff/weights/``: ``<name>.pt`` (the EMA weights,
 float16 for the generators) and ``<name>.json`` (its record: the configuration, the exact command,
 seed, commit, device, training time, the first steps' losses, and the evaluation metrics; see
-{mod}`stepdiff.checkpoints`). They are found with {mod}`importlib.resources`, so an installed
+{mod}`stepdiff.checkpoints`). They are found with ``importlib.resources``, so an installed
 package and a notebook downloaded from the book find them as a checkout does:
 
 ```python

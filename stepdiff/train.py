@@ -462,7 +462,7 @@ def train(
        gradient norm clipped to ``grad_clip``, then the {class}`EMA` update with decay ``ema_decay``.
 
     **Conditioning.** With ``labels`` the model is called as ``model(x, t, y)``: class ids ``[N]``,
-    or token rows ``[N, L]`` (captions, for a {class}`~stepdiff.models.TextConditioned` model).
+    or token rows ``[N, L]`` (captions, for a {class}`~stepdiff.models.text.TextConditioned` model).
     ``label_dropout`` $p$ replaces each label by ``model.null_class`` with probability $p$
     (classifier-free guidance training); a dropped token row becomes a row of ``null_class``
     (the padding id), which the text-conditioned model reads as the empty caption.

@@ -109,9 +109,11 @@ AE_PRESETS: dict[str, AutoencoderConfig] = {
 
 
 class DiagonalGaussian:
-    r"""$\mathcal N(\mu, \mathrm{diag}\,e^{\ell})$ over latents ``[B, c, h, w]``: {meth}`sample`,
-    {meth}`mode` and the {meth}`kl` to $\mathcal N(0, I)$ per image. The log-variance is clamped to
-    $[-30, 20]$ (as Stable Diffusion's) so that a wild encoder output cannot overflow."""
+    r"""$\mathcal N(\mu, \mathrm{diag}\,e^{\ell})$ over latents ``[B, c, h, w]``:
+    {meth}`~stepdiff.models.autoencoder.DiagonalGaussian.sample`,
+    {meth}`~stepdiff.models.autoencoder.DiagonalGaussian.mode` and the
+    {meth}`~stepdiff.models.autoencoder.DiagonalGaussian.kl` to $\mathcal N(0, I)$ per image. The log-variance is
+    clamped to $[-30, 20]$ (as Stable Diffusion's) so that a wild encoder output cannot overflow."""
 
     def __init__(self, mean: Tensor, logvar: Tensor) -> None:
         self.mean = mean

@@ -154,8 +154,8 @@ class ImageTower(nn.Module):
 class TextTower(nn.Module):
     r"""Token ids ``[B, L]`` to features ``[B, E]`` (not normalised): $g(c) = W h_n$ (``pool="eos"``, the
     last real token $n$) or $g(c) = W\frac1n\sum_{i\le n} h_i$ (``pool="mean"``), with $h_i$ the text
-    transformer's output at token $i$. {meth}`tokens` gives the per-token context ``[B, L, text_dim]``
-    and its mask."""
+    transformer's output at token $i$. {meth}`~stepdiff.models.clip.TextTower.tokens` gives the per-token context
+    ``[B, L, text_dim]`` and its mask."""
 
     def __init__(self, config: CLIPConfig) -> None:
         super().__init__()

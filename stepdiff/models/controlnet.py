@@ -232,7 +232,7 @@ def _out_channels(stage: nn.Module) -> int:
 
 
 class TextControlNet(nn.Module):
-    r"""A ControlNet on the UNet of a text-conditioned model ({class}`~stepdiff.models.TextConditioned`):
+    r"""A ControlNet on the UNet of a text-conditioned model ({class}`~stepdiff.models.text.TextConditioned`):
     ``model(x, t, y=token_ids, *, control)`` $=$ ``controlnet(x, t, context=c, context_mask=m, control=control)``
     with $(c, m)$ from the frozen text encoder, which reads the captions exactly as the base model does.
 
