@@ -218,10 +218,18 @@ def _train_diffusion(cfg, out, resume, stop_after, argv, progress, device, world
         schedule, prediction, weighting = build_objective(cfg)
         loss_fn = masked_loss_fn(schedule, prediction=prediction, weighting=weighting)
     else:
+        from .config import latent_training_images
+
         schedule, prediction, weighting = build_objective(cfg)
         loss_fn = None
+        images = latent_training_images(cfg, images)  # latent diffusion: the autoencoder's scaled latents
     t = cfg["train"]
     record = ckpt.provenance(cfg, argv, device=device, world_size=world)
+    parts = {"latent": cfg["data"].get("latent"), "clip": cfg.get("model", {}).get("text", {}).get("clip")}
+    if any(parts.values()):  # the frozen parts this run was built on, by their records' digests
+        from .config import part_provenance
+
+        record["parts"] = {k: part_provenance(v) for k, v in parts.items() if v}
     record["n_parameters"] = sum(p.numel() for p in model.parameters())
     start = ckpt.read_checkpoint(out)["step"] if resume else 0
     log = _Log(log_path(out), start) if rank == 0 else None
@@ -400,7 +408,8 @@ def sample_images(
     its number of steps, the grid spacing and the first time default to the configuration's
     ``[sample]`` table. The start is $x_{t_0} = \sigma(t_0)\,z$ with all of $z$ drawn from ``seed``
     at once, so the images do not depend on ``batch_size``; a stochastic sampler's noise is seeded
-    per batch from ``(seed, batch index)``.
+    per batch from ``(seed, batch index)``. A latent diffusion model (``[data] latent``) samples
+    latents and returns their decodings $D(z_0/s)$ by its autoencoder.
     """
     from .guidance import ClassifierFreeGuidance
     from .samplers import SAMPLERS, sample
@@ -444,6 +453,11 @@ def sample_images(
     ts = time_grid(steps or s["steps"], spacing or s["spacing"], schedule, t_max=t_max)
     shape = _image_shape(config)
     device = next(model.parameters()).device
+    decoder = None
+    if config["data"].get("latent"):  # latent diffusion: sample latents, decode them to images
+        from .config import load_part
+
+        decoder = load_part(config["data"]["latent"], "autoencoder", "[data] latent").to(device)
     g = torch.Generator().manual_seed(int(seed))
     start = float(schedule.sigma(torch.tensor(float(ts[0]), dtype=torch.float64))) * torch.randn(
         (n, *shape), generator=g)
@@ -461,7 +475,10 @@ def sample_images(
             kw = {"prediction": prediction, "progress": progress}
             if takes_generator:
                 kw["generator"] = torch.Generator(device=device).manual_seed(derive_seed(seed, 2, i))
-            out.append(sample(sampler, net, x, schedule, ts, **kw).float().cpu())
+            x0 = sample(sampler, net, x, schedule, ts, **kw)
+            if decoder is not None:
+                x0 = decoder.decode_latents(x0.float())
+            out.append(x0.float().cpu())
     return torch.cat(out)
 
 
@@ -497,12 +514,10 @@ def _load_generator(source: str | Path) -> tuple[nn.Module, dict, dict]:
 
 
 def _image_shape(cfg: dict) -> tuple[int, int, int]:
-    from .config import _channels
+    """What the model denoises: the images' shape, or with ``[data] latent`` the latents'."""
+    from .config import sample_shape
 
-    data = cfg["data"]
-    size = data["size"] or {"digits": 8, "shapes": 32, "mnist": 28 + 2 * data["pad"],
-                            "fashion-mnist": 28 + 2 * data["pad"], "cifar10": 32}[data["name"]]
-    return (_channels(data), size, size)
+    return sample_shape(cfg)
 
 
 def _class_id(value: str | int, classes: list[str] | None, n_classes: int) -> int:
