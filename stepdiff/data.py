@@ -6,17 +6,17 @@ shape ``[n, 2]`` on the CPU; an ``int`` seed gives the same points on every mach
 The toys are scaled to a radius of about 2, so each coordinate has a spread of order 1,
 like the $\mathcal N(0, I)$ noise they are paired with.
 
-- :func:`spiral`: the tutorial's 2-D spiral (its Figures 6, 7 and 10).
-- :func:`swiss_roll`: the 2-D swiss roll of scikit-learn's ``make_swiss_roll``.
-- :func:`two_moons`: two interleaved half circles.
-- :func:`eight_gaussians`: eight Gaussians on a circle; :func:`eight_gaussians_mixture` is the
-  same law as a :class:`~stepdiff.denoisers.GaussianMixture`, whose exact denoiser is known.
-- :func:`checkerboard`: uniform on the dark squares of a checkerboard.
-- :func:`annulus`: uniform on a ring, the tutorial's base distribution in Figures 7 and 9.
-- :func:`mixture_1d`: a three-component 1-D mixture, the one target of chapters I.1 and I.2.
+- {func}`spiral`: the tutorial's 2-D spiral (its Figures 6, 7 and 10).
+- {func}`swiss_roll`: the 2-D swiss roll of scikit-learn's ``make_swiss_roll``.
+- {func}`two_moons`: two interleaved half circles.
+- {func}`eight_gaussians`: eight Gaussians on a circle; {func}`eight_gaussians_mixture` is the
+  same law as a {class}`~stepdiff.denoisers.GaussianMixture`, whose exact denoiser is known.
+- {func}`checkerboard`: uniform on the dark squares of a checkerboard.
+- {func}`annulus`: uniform on a ring, the tutorial's base distribution in Figures 7 and 9.
+- {func}`mixture_1d`: a three-component 1-D mixture, the one target of chapters I.1 and I.2.
 
-Images live in :mod:`stepdiff.image_data` (digits with a fixed split, MNIST, Fashion-MNIST,
-CIFAR-10, image folders) and procedural scenes in :mod:`stepdiff.shapes`; ``ImageSet``,
+Images live in {mod}`stepdiff.image_data` (digits with a fixed split, MNIST, Fashion-MNIST,
+CIFAR-10, image folders) and procedural scenes in {mod}`stepdiff.shapes`; ``ImageSet``,
 ``load_digits``, ``load_image_folder`` and ``IMAGE_EXTENSIONS`` are re-exported here.
 """
 
@@ -127,7 +127,7 @@ def swiss_roll(
 
     so the angle is uniform on $[\tfrac{3\pi}2, \tfrac{9\pi}2]$ (one and a half turns, starting
     a third of the way out) and the outer end lies at radius $R$ = ``radius``. Unlike
-    :func:`spiral`, the density is uniform in angle, hence thinner on the outer turns.
+    {func}`spiral`, the density is uniform in angle, hence thinner on the outer turns.
     Shape ``[n, 2]``, float32.
     """
     _check_n(n)
@@ -174,12 +174,12 @@ def two_moons(
 
 
 def eight_gaussians_mixture(radius: float = 2.0, std: float = 0.2) -> GaussianMixture:
-    r"""Eight Gaussians on a circle, as an exact :class:`~stepdiff.denoisers.GaussianMixture`:
+    r"""Eight Gaussians on a circle, as an exact {class}`~stepdiff.denoisers.GaussianMixture`:
 
     $$p = \frac18\sum_{k=0}^{7}\mathcal N\big(m_k,\ s^2 I_2\big),\qquad
     m_k = R\,(\cos\tfrac{2\pi k}8, \sin\tfrac{2\pi k}8),$$
 
-    $R$ = ``radius``, $s$ = ``std``. Its :meth:`~stepdiff.denoisers.GaussianMixture.denoise`
+    $R$ = ``radius``, $s$ = ``std``. Its {meth}`~stepdiff.denoisers.GaussianMixture.denoise`
     is the exact $\mathbb E[x_0\mid x_t]$, the ground truth a trained model should approach.
     """
     if not radius > 0 or not std >= 0:
@@ -197,7 +197,7 @@ def eight_gaussians(
     generator: torch.Generator | int | None = None,
     return_labels: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    r"""``n`` draws from :func:`eight_gaussians_mixture` (equal weights $\tfrac18$).
+    r"""``n`` draws from {func}`eight_gaussians_mixture` (equal weights $\tfrac18$).
 
     Mode $k$ sits at angle $2\pi k/8$ on the circle of radius ``radius``; neighbouring modes
     are $2R\sin(\pi/8) \approx 0.77R$ apart, so with the defaults ($R = 2$, $s = 0.2$) they are
@@ -258,7 +258,7 @@ def annulus(
 
     $x = r(\cos\theta, \sin\theta)$: $r^2$ is uniform because the area within radius $r$ grows
     like $r^2$. The tutorial gives no radii; the defaults put the ring around the
-    :func:`spiral`. ``r_inner = 0`` gives the uniform disc. Shape ``[n, 2]``, float32.
+    {func}`spiral`. ``r_inner = 0`` gives the uniform disc. Shape ``[n, 2]``, float32.
     """
     _check_n(n)
     if not 0 <= r_inner < r_outer:
@@ -281,7 +281,7 @@ def mixture_1d(
     separated, unequal modes. With these defaults it is the one 1-D target of the book's
     chapters I.1 (the tutorial's Figures 1 and 2, whose own target the tutorial does not
     state) and I.2 (Claim 1 and Lemma 1 on a grid). As a
-    :class:`~stepdiff.denoisers.GaussianMixture` it gives the exact densities of the forward
+    {class}`~stepdiff.denoisers.GaussianMixture` it gives the exact densities of the forward
     marginals, ``log_prob(x, t, schedule)``, and samples, ``sample(n, generator)`` (``[n, 1]``).
     """
     if not len(means) == len(stds) == len(weights) >= 1:
