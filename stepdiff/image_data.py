@@ -1,16 +1,16 @@
 r"""Image data that needs no download, and loaders for image data a user already has on disk.
 
-Every loader returns an :class:`ImageSet`: ``images [N, C, H, W]`` float32 in $[-1, 1]$
+Every loader returns an {class}`ImageSet`: ``images [N, C, H, W]`` float32 in $[-1, 1]$
 (an 8-bit pixel $u$ becomes $u/127.5 - 1$), ``labels [N]`` int64, and the class names.
 
-- :func:`load_digits`: scikit-learn's 8x8 handwritten digits (installed with scikit-learn),
+- {func}`load_digits`: scikit-learn's 8x8 handwritten digits (installed with scikit-learn),
   at 8x8 or upsampled to 16x16, all 1797 images or a fixed stratified split into
-  training (1497) and held-out (300) images (:func:`digits_split`).
-- :func:`load_mnist`, :func:`load_fashion_mnist`: the IDX files of MNIST / Fashion-MNIST
-  (gzipped or not), read by :func:`read_idx`.
-- :func:`load_cifar10`: the CIFAR-10 "python version" pickles (``data_batch_1`` ...
+  training (1497) and held-out (300) images ({func}`digits_split`).
+- {func}`load_mnist`, {func}`load_fashion_mnist`: the IDX files of MNIST / Fashion-MNIST
+  (gzipped or not), read by {func}`read_idx`.
+- {func}`load_cifar10`: the CIFAR-10 "python version" pickles (``data_batch_1`` ...
   ``data_batch_5``, ``test_batch``), read without executing anything they might contain.
-- :func:`load_image_folder`: any folder of image files, read with Pillow.
+- {func}`load_image_folder`: any folder of image files, read with Pillow.
 
 Nothing here is downloaded and nothing is written to disk.
 """
@@ -90,7 +90,7 @@ def digits_split(seed: int = DIGITS_SPLIT_SEED) -> tuple[Tensor, Tensor]:
     r"""The fixed stratified split of the 1797 digits: ``(train, heldout)`` index tensors.
 
     Within each class the images are ordered by $\mathrm{SHA256}(\text{seed}:\text{index})$ and
-    the first :data:`DIGITS_HELDOUT_PER_CLASS` (30) are held out: 300 held-out images (30 per
+    the first {data}`DIGITS_HELDOUT_PER_CLASS` (30) are held out: 300 held-out images (30 per
     digit) and 1497 training images (148 to 153 per digit), disjoint, each index tensor sorted
     (scikit-learn's order). A hash, not a random generator, so the split is the same on every
     machine and library version.
@@ -115,7 +115,7 @@ def load_digits(split: str = "all", size: int = 8) -> ImageSet:
     The pixels are integers $p \in 0..16$ and become $x = p/8 - 1 \in [-1, 1]$, one channel.
 
     - ``split``: ``"all"`` (1797 images, scikit-learn's order), ``"train"`` (1497) or
-      ``"heldout"`` (300, 30 per class): the fixed split of :func:`digits_split`.
+      ``"heldout"`` (300, 30 per class): the fixed split of {func}`digits_split`.
     - ``size``: 8, or 16: the 17-level intensities upsampled by 2 with bicubic interpolation
       (PyTorch's ``interpolate``, half-pixel centres, $a = -0.75$), clipped back to $[0, 16]$
       (bicubic overshoots at strokes), then scaled the same way.
@@ -246,8 +246,8 @@ def load_mnist(root: str | Path, split: str = "train", *, pad: int = 0) -> Image
 
 
 def load_fashion_mnist(root: str | Path, split: str = "train", *, pad: int = 0) -> ImageSet:
-    """Fashion-MNIST: the same files and layout as :func:`load_mnist`; classes
-    :data:`FASHION_MNIST_CLASSES`."""
+    """Fashion-MNIST: the same files and layout as {func}`load_mnist`; classes
+    {data}`FASHION_MNIST_CLASSES`."""
     return _load_idx_pair(root, split, FASHION_MNIST_CLASSES, pad)
 
 
@@ -312,7 +312,7 @@ def load_cifar10(root: str | Path, split: str = "train") -> ImageSet:
     needed), ``"test"`` reads ``test_batch`` (10 000). Each is a pickled dict whose ``data`` is
     uint8 ``[N, 3072]``: per image 1024 red, then 1024 green, then 1024 blue values, each a
     row-major 32x32 plane; ``labels`` a list of $0..9$. Class names come from ``batches.meta``
-    when present, else :data:`CIFAR10_CLASSES`. Shape ``[N, 3, 32, 32]``.
+    when present, else {data}`CIFAR10_CLASSES`. Shape ``[N, 3, 32, 32]``.
     """
     root = Path(root)
     if not root.is_dir():
@@ -372,7 +372,7 @@ def load_image_folder(path: str | Path, size: int, channels: int = 3) -> ImageSe
     name and numbered from 0. Files are read in sorted order with Pillow, converted to
     grayscale (``channels=1``) or RGB (``channels=3``), centre-cropped to a square, resized
     to ``size`` $\times$ ``size`` (bicubic, antialiased), and scaled by $x = p/127.5 - 1$.
-    Extensions: :data:`IMAGE_EXTENSIONS`. Everything is loaded into memory at once.
+    Extensions: {data}`IMAGE_EXTENSIONS`. Everything is loaded into memory at once.
     """
     root = Path(path)
     if not root.is_dir():
