@@ -7,36 +7,34 @@ A chapter never checks a claim with a bare ``assert``. It calls
 
 which compares the measured value with the bound, records one row
 (label, statement, measured value, bound, result), shows that row under the cell when it runs
-in a notebook, returns the value, and raises :class:`CheckFailed` when the bound is not met.
+in a notebook, returns the value, and raises {class}`CheckFailed` when the bound is not met.
 The book's build collects the rows of every chapter into the page "What this book verifies"
 (``book/_ext/ledger.py``), and fails if any row failed or if a numbered statement of the
 tutorial has no row.
 
 Three kinds of row:
 
-- :func:`check` -- a claim with a bound: ``passed`` or ``failed`` (and then it raises);
-- :func:`record` -- a measured number the text discusses, with no bound: ``measured``;
-- :func:`stated` -- a statement the book states (or derives) but does not test numerically,
+- {func}`check` -- a claim with a bound: ``passed`` or ``failed`` (and then it raises);
+- {func}`record` -- a measured number the text discusses, with no bound: ``measured``;
+- {func}`stated` -- a statement the book states (or derives) but does not test numerically,
   such as a definition: ``stated``.
 
 A bound is given by keyword. For an array ``value`` the bound must hold for every element, and
 the row shows the element farthest from meeting it (the worst case):
 
-=========================  ===========================================
-keyword                    holds when
-=========================  ===========================================
-``lt=b`` / ``le=b``        :math:`v < b` / :math:`v \\le b`
-``gt=b`` / ``ge=b``        :math:`v > b` / :math:`v \\ge b`
-``between=(lo, hi)``       :math:`lo \\le v \\le hi`
-``close_to=c, atol, rtol`` :math:`|v - c| \\le \\mathrm{atol} + \\mathrm{rtol}\\,|c|`
-``equals=c``               :math:`v = c` exactly (integers, strings, bits)
-``holds=b``                ``b`` is true (``value`` is then only shown)
-=========================  ===========================================
+| keyword | holds when |
+| --- | --- |
+| ``lt=b`` / ``le=b`` | $v < b$ / $v \\le b$ |
+| ``gt=b`` / ``ge=b`` | $v > b$ / $v \\ge b$ |
+| ``between=(lo, hi)`` | $\\mathrm{lo} \\le v \\le \\mathrm{hi}$ |
+| ``close_to=c, atol, rtol`` | $\\lvert v - c\\rvert \\le \\mathrm{atol} + \\mathrm{rtol}\\,\\lvert c\\rvert$ |
+| ``equals=c`` | $v = c$ exactly (integers, strings, bits) |
+| ``holds=b`` | ``b`` is true (``value`` is then only shown) |
 
-Rows are kept in memory (:func:`rows`), and appended as JSON lines to the file named by the
+Rows are kept in memory ({func}`rows`), and appended as JSON lines to the file named by the
 environment variable ``STEPDIFF_LEDGER_FILE`` when it is set.
 
-Numbers quoted in a chapter's prose are bound to the cell that computes them with :func:`glue`
+Numbers quoted in a chapter's prose are bound to the cell that computes them with {func}`glue`
 (myst-nb's glue in the book build; nothing in a notebook run without myst-nb installed), so the
 text can never disagree with the computation.
 """
