@@ -108,7 +108,6 @@ PENDING = {
     "stepdiff.kernels.norm_triton": "formulas",
     "stepdiff.models.dit": "formulas; RST roles",
     "stepdiff.models.layers": "formulas; RST roles",
-    "stepdiff.models.mlp": "RST roles",
     "stepdiff.models.text": "formulas; RST roles",
     "stepdiff.models.unet": "formulas; RST roles",
     "stepdiff.samplers": "RST roles",

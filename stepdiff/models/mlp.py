@@ -1,7 +1,7 @@
 r"""A small MLP denoiser for 2-D (or any flat $d$-dimensional) data.
 
 $f_\theta(x, t, y) \in \mathbb R^d$ for $x \in \mathbb R^d$, a time $t \in [0, 1]$ and, optionally,
-a class $y$. The time enters through Fourier features (:class:`TimeEmbedding`) and, with the
+a class $y$. The time enters through Fourier features ({class}`TimeEmbedding`) and, with the
 class embedding, conditions every residual block additively:
 
 $$e = \mathrm{MLP}(\gamma(t)) + E[y],\qquad h_0 = W_{\rm in}x,\qquad
@@ -9,10 +9,10 @@ h_{l+1} = h_l + W_2^{(l)}\,\phi\big(W_1^{(l)}\,\mathrm{LN}(h_l) + U^{(l)}e\big),
 f = W_{\rm out}\,\phi(\mathrm{LN}(h_L)),$$
 
 $\phi$ the activation (SiLU by default). What $f$ predicts ($\varepsilon$, $x_0$, $v$, the
-velocity, ...) is decided by the loss it is trained with (:mod:`stepdiff.train`), not here.
+velocity, ...) is decided by the loss it is trained with ({mod}`stepdiff.train`), not here.
 Class conditioning keeps one extra "null" class, index ``n_classes``, that stands for "no
 label": training with labels sometimes replaced by it (``label_dropout`` in
-:func:`stepdiff.train.train`) makes one network both conditional and unconditional, as
+{func}`stepdiff.train.train`) makes one network both conditional and unconditional, as
 classifier-free guidance needs (Ho & Salimans 2022).
 """
 
@@ -31,7 +31,7 @@ ACTIVATIONS = {"silu": nn.SiLU, "relu": nn.ReLU, "gelu": nn.GELU}
 
 @dataclass
 class MLPConfig:
-    """Sizes of an :class:`MLP`."""
+    """Sizes of an {class}`MLP`."""
 
     dim: int = 2  # d, the dimension of the data
     hidden: int = 128  # width of the residual stream and of every layer
@@ -90,7 +90,7 @@ class Block(nn.Module):
 
 
 class MLP(nn.Module):
-    r"""The network $f_\theta(x, t, y)$ of the module docstring; see :class:`MLPConfig` for sizes.
+    r"""The network $f_\theta(x, t, y)$ of the module docstring; see {class}`MLPConfig` for sizes.
 
     ``forward(x, t, y=None)``: ``x`` ``[B, d]``; ``t`` ``[B]`` or a scalar (times in
     $[0, 1]$, not checked here: the losses and samplers check them); ``y`` ``[B]`` int64
