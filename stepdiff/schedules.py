@@ -12,17 +12,17 @@ $\lambda \mapsto t$, all vectorised over a tensor of per-sample times.
 
 The schedules:
 
-- :class:`VESchedule`: the tutorial's own process, $\alpha = 1$, $\sigma = \sigma_q\sqrt t$
+- {class}`VESchedule`: the tutorial's own process, $\alpha = 1$, $\sigma = \sigma_q\sqrt t$
   (its eq. 12): variance exploding with a constant rate.
-- :class:`VPLinearSchedule`: continuous-time DDPM (Song et al. 2021), $\beta(t)$ linear.
-- :class:`VPCosineSchedule`: the cosine schedule of Nichol & Dhariwal (2021).
-- :class:`FlowMatchingSchedule`: the linear path $x_t = (1-t)x_0 + t x_1$ of rectified flow.
-- :class:`EDMSchedule`: Karras et al. (2022), $\alpha = 1$, $\sigma = \sigma_{\max} t$.
-- :class:`DiscreteVPSchedule`: the discrete schedules in the vocabulary of diffusers
+- {class}`VPLinearSchedule`: continuous-time DDPM (Song et al. 2021), $\beta(t)$ linear.
+- {class}`VPCosineSchedule`: the cosine schedule of Nichol & Dhariwal (2021).
+- {class}`FlowMatchingSchedule`: the linear path $x_t = (1-t)x_0 + t x_1$ of rectified flow.
+- {class}`EDMSchedule`: Karras et al. (2022), $\alpha = 1$, $\sigma = \sigma_{\max} t$.
+- {class}`DiscreteVPSchedule`: the discrete schedules in the vocabulary of diffusers
   (``num_train_timesteps``, ``beta_schedule``, ``alphas_cumprod``, ``timestep_spacing``).
 
 Time grids for samplers (uniform, quadratic, Karras-$\rho$, uniform in log-SNR, the SD3 time
-shift, and the diffusers spacings) come from :func:`time_grid`.
+shift, and the diffusers spacings) come from {func}`time_grid`.
 """
 
 from __future__ import annotations
@@ -84,8 +84,8 @@ def check_time(t: Tensor | float, name: str = "t") -> Tensor:
 class Schedule(ABC):
     r"""Base class: a Gaussian path $x_t = \alpha(t) x_0 + \sigma(t)\varepsilon$, $t\in[0,1]$.
 
-    Subclasses implement :meth:`alpha`, :meth:`sigma`, :meth:`d_alpha`, :meth:`d_sigma`
-    and :meth:`t_from_log_snr`; the rest follows from them.
+    Subclasses implement {meth}`alpha`, {meth}`sigma`, {meth}`d_alpha`, {meth}`d_sigma`
+    and {meth}`t_from_log_snr`; the rest follows from them.
     """
 
     name: ClassVar[str] = "schedule"
@@ -108,7 +108,7 @@ class Schedule(ABC):
 
     @abstractmethod
     def t_from_log_snr(self, log_snr: Tensor | float) -> Tensor:
-        r"""Inverse of :meth:`log_snr`: the time $t$ with $\lambda(t) = $ ``log_snr``."""
+        r"""Inverse of {meth}`log_snr`: the time $t$ with $\lambda(t) = $ ``log_snr``."""
 
     def snr(self, t: Tensor | float) -> Tensor:
         r"""Signal-to-noise ratio $\alpha(t)^2 / \sigma(t)^2$."""
@@ -484,7 +484,7 @@ class DiscreteVPSchedule(Schedule):
         return k
 
     def time_grid(self, n_steps: int, spacing: str = "leading", steps_offset: int = 0) -> Tensor:
-        """The sampler's time grid: :meth:`timesteps` mapped to $t_k$, followed by $t = 0$."""
+        """The sampler's time grid: {meth}`timesteps` mapped to $t_k$, followed by $t = 0$."""
         k = self.timesteps(n_steps, spacing, steps_offset)
         return torch.cat([self.t_of_index(k), torch.zeros(1, dtype=torch.float64)])
 
@@ -538,7 +538,7 @@ SCHEDULES: dict[str, type[Schedule]] = {
 
 
 def get_schedule(name: str, **kwargs) -> Schedule:
-    """The schedule called ``name`` (a key of :data:`SCHEDULES`), built with ``kwargs``."""
+    """The schedule called ``name`` (a key of {data}`SCHEDULES`), built with ``kwargs``."""
     try:
         cls = SCHEDULES[name]
     except KeyError:
@@ -616,7 +616,7 @@ def time_grid(
     - ``"uniform"``: $t_i = t_{\max}(1 - i/n)$; with $t_{\max}=1$ this is the tutorial's
       $1, 1-\Delta t, \dots, \Delta t, 0$ with $\Delta t = 1/n$.
     - ``"quadratic"``: $t_i = t_{\max}(1 - i/n)^2$, finer near the data (Song et al. 2021).
-    - ``"karras"``: the $\rho$-spaced VE noise levels of :func:`karras_sigmas` between
+    - ``"karras"``: the $\rho$-spaced VE noise levels of {func}`karras_sigmas` between
       ``sigma_min`` and ``sigma_max`` (default: the schedule's level at $t_{\max}$), mapped to
       times through the schedule's $\lambda^{-1}$, then $t = 0$. Needs ``schedule``.
     - ``"logsnr"``: $n$ times evenly spaced in $\lambda(t) = \log(\alpha^2/\sigma^2)$, from
@@ -634,11 +634,11 @@ def time_grid(
       $\tilde\sigma(t_{\max}) = \infty$, as for flow matching at $t = 1$). In log-SNR,
       $\lambda_i = 2\log\tan\frac{\pi i}{2n}$ when $u_0 = 1$: symmetric about $\lambda = 0$
       (SNR 1, the scale of unit-variance data), dense there and sparse at both ends. It is the
-      default grid of :func:`stepdiff.samplers.sample`. Needs ``schedule``.
+      default grid of {func}`stepdiff.samplers.sample`. Needs ``schedule``.
     - ``"leading"``, ``"trailing"``, ``"linspace"``: the diffusers spacings of a
-      :class:`DiscreteVPSchedule` (see :meth:`DiscreteVPSchedule.timesteps`).
+      {class}`DiscreteVPSchedule` (see {meth}`DiscreteVPSchedule.timesteps`).
 
-    ``shift`` applies :func:`shift_time` to the grid (Stable Diffusion 3).
+    ``shift`` applies {func}`shift_time` to the grid (Stable Diffusion 3).
     The grid is float64 on the CPU.
     """
     _check_steps(n_steps)

@@ -111,7 +111,6 @@ PENDING = {
     "stepdiff.models.text": "formulas; RST roles",
     "stepdiff.models.unet": "formulas; RST roles",
     "stepdiff.samplers": "RST roles",
-    "stepdiff.schedules": "RST roles",
     "stepdiff.shapes": "formulas; RST roles",
     "stepdiff.text": "RST roles",
 }
