@@ -1,7 +1,7 @@
-r"""A word-level tokenizer over the shapes captions' grammar (:mod:`stepdiff.shapes`).
+r"""A word-level tokenizer over the shapes captions' grammar ({mod}`stepdiff.shapes`).
 
 The vocabulary is fixed: four special tokens, then every word the caption grammar can write
-(:data:`stepdiff.shapes.CAPTION_WORDS`), in that order, so token ids never change between runs:
+({data}`stepdiff.shapes.CAPTION_WORDS`), in that order, so token ids never change between runs:
 
 | id | token | meaning |
 |---|---|---|
@@ -12,10 +12,10 @@ The vocabulary is fixed: four special tokens, then every word the caption gramma
 | 4, ... | words | `a`, `an`, sizes, colours, shapes, location and relation words, `and` |
 
 A prompt is lowercased and split into runs of letters and digits (punctuation and hyphens
-separate words and are dropped); :data:`stepdiff.shapes.WORD_ALIASES` maps a few spellings
+separate words and are dropped); {data}`stepdiff.shapes.WORD_ALIASES` maps a few spellings
 ("center") to grammar words. ``encode`` gives ``[<bos>, w_1, ..., w_n, <eos>, <pad>, ...]``.
 The "no caption" row of classifier-free guidance and of text dropout in training is
-``[<bos>, <eos>]`` (:meth:`Tokenizer.empty`).
+``[<bos>, <eos>]`` ({meth}`Tokenizer.empty`).
 """
 
 from __future__ import annotations

@@ -112,7 +112,6 @@ PENDING = {
     "stepdiff.models.unet": "formulas; RST roles",
     "stepdiff.samplers": "RST roles",
     "stepdiff.shapes": "formulas; RST roles",
-    "stepdiff.text": "RST roles",
 }
 MATH = re.compile(r"\$[^$\s][^$]*\$|\$\$.+?\$\$|```\{math\}", re.S)
 #: A docstring that was not a raw string: "\f", "\b", "\a", "\v" turned into control characters.
