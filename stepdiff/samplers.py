@@ -1,31 +1,31 @@
 r"""Samplers: plain functions of (model, initial noise, schedule, time grid, generator).
 
 Every sampler walks a descending time grid $t_0 > t_1 > \dots > t_n = 0$ (see
-:func:`stepdiff.schedules.time_grid`) and asks the model once or twice per step. The model is
+{func}`stepdiff.schedules.time_grid`) and asks the model once or twice per step. The model is
 any callable ``model(x, t) -> prediction`` with ``x`` of shape ``[B, ...]`` and ``t`` of shape
 ``[B]``; ``prediction`` names what it returns (``"x0"``, ``"eps"``, ``"v"``, ``"score"``,
-``"velocity"``, see :mod:`stepdiff.parametrize`). An exact denoiser returns ``"x0"``.
+``"velocity"``, see {mod}`stepdiff.parametrize`). An exact denoiser returns ``"x0"``.
 
 Each update is an affine map $x' = c_x x + c_{\rm pred}\,p + c_{\rm noise}z$ whose coefficients
 depend only on the grid, so they are computed for all steps up front (one function per family,
-``*_coefficients`` below) and applied by :func:`stepdiff.kernels.affine_step`, a single fused
+``*_coefficients`` below) and applied by {func}`stepdiff.kernels.fused.affine_step`, a single fused
 kernel on the GPU. A model that predicts something other than $x_0$ is folded into the same
 step: with $\hat x_0 = a\,x + b\,p$, the step becomes $(c_x + c_{x_0}a)\,x + c_{x_0}b\,p + \dots$.
 
 The families:
 
-- the tutorial's own samplers on its VE process: :func:`sample_ddpm_tutorial` (its
-  Algorithm 1, Pseudocodes 2 and 7) and :func:`sample_ddim_tutorial` (Algorithm 2,
+- the tutorial's own samplers on its VE process: {func}`sample_ddpm_tutorial` (its
+  Algorithm 1, Pseudocodes 2 and 7) and {func}`sample_ddim_tutorial` (Algorithm 2,
   Pseudocode 3);
-- :func:`sample_ddpm` (ancestral sampling from the true posterior, Ho et al. 2020) and
-  :func:`sample_ddim` (Song et al. 2021, any $\eta$), on any schedule;
+- {func}`sample_ddpm` (ancestral sampling from the true posterior, Ho et al. 2020) and
+  {func}`sample_ddim` (Song et al. 2021, any $\eta$), on any schedule;
 - ODE solvers for the probability-flow ODE / flow matching, $dx/dt = \dot\alpha\hat x_0 +
-  \dot\sigma\hat\varepsilon$: :func:`sample_euler`, :func:`sample_midpoint`, :func:`sample_heun`;
-- :func:`sample_dpmpp_2m`, DPM-Solver++(2M) (Lu et al. 2022), and the multistep exponential
-  integrators that need fewer steps: :func:`sample_dpmpp_3m` (DPM-Solver++(3M)),
-  :func:`sample_unipc` (UniPC, Zhao et al. 2023) and :func:`sample_deis` (DEIS, Zhang & Chen
-  2023), with the lower-order rule of :func:`multistep_orders`;
-- :func:`sample`: any of them by name, or ``sample(model, x, schedule, nfe=10)``, the default
+  \dot\sigma\hat\varepsilon$: {func}`sample_euler`, {func}`sample_midpoint`, {func}`sample_heun`;
+- {func}`sample_dpmpp_2m`, DPM-Solver++(2M) (Lu et al. 2022), and the multistep exponential
+  integrators that need fewer steps: {func}`sample_dpmpp_3m` (DPM-Solver++(3M)),
+  {func}`sample_unipc` (UniPC, Zhao et al. 2023) and {func}`sample_deis` (DEIS, Zhang & Chen
+  2023), with the lower-order rule of {func}`multistep_orders`;
+- {func}`sample`: any of them by name, or ``sample(model, x, schedule, nfe=10)``, the default
   solver and grid chosen on the exact-denoiser benchmark.
 
 A caution on parametrizations near pure noise: turning an $\varepsilon$-prediction into
@@ -128,13 +128,13 @@ def posterior_coefficients(schedule: Schedule, t: Tensor, s: Tensor):
 
 
 DDPM_VARIANCES = ("posterior", "forward")
-"""The two classic choices of the DDPM step's noise variance (Ho et al. 2020, §3.2): see :func:`ddpm_coefficients`."""
+"""The two classic choices of the DDPM step's noise variance (Ho et al. 2020, §3.2): see {func}`ddpm_coefficients`."""
 
 
 def ddpm_coefficients(schedule: Schedule, t: Tensor, s: Tensor, variance: str = "posterior"):
     r"""The ancestral step from $t$ to $s < t$: the posterior mean, and one of two noise variances.
 
-    The mean is always that of :func:`posterior_coefficients`,
+    The mean is always that of {func}`posterior_coefficients`,
     $\tilde\mu = \frac{\alpha_{t|s}\sigma_s^2}{\sigma_t^2}x_t + \frac{\alpha_s\sigma_{t|s}^2}{\sigma_t^2}\hat x_0$.
     The variance is
 
@@ -188,7 +188,7 @@ def tutorial_ddim_coefficients(schedule: Schedule, t: Tensor, s: Tensor):
 
     $$x_s = x_t + \lambda\big(\mathbb E[x_s\mid x_t] - x_t\big),\qquad \lambda = \frac{\sigma_t}{\sigma_s + \sigma_t},$$
 
-    with $\mathbb E[x_s\mid x_t]$ from Claim 2 as in :func:`tutorial_ddpm_coefficients`. It
+    with $\mathbb E[x_s\mid x_t]$ from Claim 2 as in {func}`tutorial_ddpm_coefficients`. It
     simplifies to $x_s = \hat x_0 + \frac{\sigma_s}{\sigma_t}(x_t - \hat x_0)$ exactly.
     """
     lam = schedule.sigma(t) / (schedule.sigma(s) + schedule.sigma(t))
@@ -393,11 +393,11 @@ def sample_ddpm(
 ) -> Tensor:
     r"""Ancestral sampling (Ho et al. 2020, Algorithm 2): $x_s \sim q(x_s\mid x_t, x_0 = \hat x_0)$.
 
-    The step uses the true posterior of :func:`posterior_coefficients`; on a
-    :class:`~stepdiff.schedules.DiscreteVPSchedule` with consecutive levels this is Ho et al.'s
+    The step uses the true posterior of {func}`posterior_coefficients`; on a
+    {class}`~stepdiff.schedules.DiscreteVPSchedule` with consecutive levels this is Ho et al.'s
     eq. 11 with the posterior variance $\tilde\beta_t$. It equals DDIM with $\eta = 1$.
     ``variance="forward"`` keeps the mean and takes Ho et al.'s other choice, $\beta_t$, the
-    variance of the forward step (:func:`ddpm_coefficients`).
+    variance of the forward step ({func}`ddpm_coefficients`).
     ``clip_x0`` clamps $\hat x_0$ to $[-c, c]$ (the ``clip_sample`` of diffusers).
     """
     run = _Run(model, x, schedule, ts, prediction, generator, return_trajectory, progress, "ddpm")
@@ -418,7 +418,7 @@ def sample_ddim(
     return_trajectory: bool = False,
     progress: bool = False,
 ) -> Tensor:
-    r"""DDIM (Song et al. 2021, eq. 12) with stochasticity $\eta$; see :func:`ddim_coefficients`.
+    r"""DDIM (Song et al. 2021, eq. 12) with stochasticity $\eta$; see {func}`ddim_coefficients`.
 
     $\eta = 0$: deterministic, the first-order exponential integrator of the probability-flow
     ODE (on the tutorial's process, exactly its Algorithm 2). $\eta = 1$: DDPM.
@@ -438,9 +438,9 @@ def sample_euler(
     return_trajectory: bool = False,
     progress: bool = False,
 ) -> Tensor:
-    r"""Euler's method on the probability-flow ODE / flow-matching ODE (see :func:`euler_coefficients`).
+    r"""Euler's method on the probability-flow ODE / flow-matching ODE (see {func}`euler_coefficients`).
 
-    For flow matching, use :class:`~stepdiff.schedules.FlowMatchingSchedule` and
+    For flow matching, use {class}`~stepdiff.schedules.FlowMatchingSchedule` and
     ``prediction="velocity"``: $x_{t_{i+1}} = x_{t_i} + (t_{i+1} - t_i)\,f_\theta(x_{t_i}, t_i)$,
     the tutorial's Pseudocode 5 with its sign convention turned round ($dx/dt = -v$ there).
     """
@@ -534,7 +534,7 @@ def sample_dpmpp_2m(
     \qquad D_i = \Big(1 + \frac1{2r_i}\Big)\hat x_0^{(i)} - \frac1{2r_i}\hat x_0^{(i-1)},$$
     with $D_i = \hat x_0^{(i)}$ at the first step and at the last (which lands on $x_0 = D$).
     ``lower_order_final=True`` also takes $D_i = \hat x_0^{(i)}$ (a DDIM step) where the step
-    is more than twice as long as the one before ($r_i < 1/2$, see :func:`multistep_orders`);
+    is more than twice as long as the one before ($r_i < 1/2$, see {func}`multistep_orders`);
     the default keeps the published rule.
     """
     run = _Run(model, x, schedule, ts, prediction, None, return_trajectory, progress, "dpmpp_2m")
@@ -569,7 +569,7 @@ def sample_dpmpp_2m(
 # $$x_s = \frac{\sigma_s}{\sigma_t}x_t + \alpha_s\int_0^h e^{\tau - h}\,\hat x_0(\lambda_t + \tau)\,d\tau,$$
 #
 # so a polynomial $\hat x_0(\lambda_t + \tau) \approx \sum_k D_k(\tau/h)^k$ integrates exactly
-# against the moments $I_k(h) = \int_0^h e^{\tau-h}(\tau/h)^k d\tau$ (:func:`exponential_moments`).
+# against the moments $I_k(h) = \int_0^h e^{\tau-h}(\tau/h)^k d\tau$ ({func}`exponential_moments`).
 
 
 def exponential_moments(h: float, k: int) -> list[float]:
@@ -692,7 +692,7 @@ def dpmpp_multistep_coefficients(schedule: Schedule, ts: Tensor, order: int = 3,
 
     $D_{1,0} = (m_0 - m_1)/r_0$, $D_{1,1} = (m_1 - m_2)/r_1$: $D_0 + D_1(\tau/h) + D_2(\tau/h)^2$
     is the parabola through the three predictions, and $I_0 = 1 - e^{-h}$, $I_1 = 1 - I_0/h$,
-    $I_2 = 1 - 2I_1/h$ its exact integrals (:func:`exponential_moments`). The second-order
+    $I_2 = 1 - 2I_1/h$ its exact integrals ({func}`exponential_moments`). The second-order
     step is DPM-Solver++(2M)'s, $I_0(D_0 + D_{1,0}/2)$ (as in the reference implementations:
     $I_1 \approx I_0/2$ is enough for order 2, and extrapolates only to the middle of a long
     step), and the first-order step is $I_0D_0$ (DDIM). Note the reference implementations
@@ -700,7 +700,7 @@ def dpmpp_multistep_coefficients(schedule: Schedule, ts: Tensor, order: int = 3,
     ``multistep_dpm_solver_third_order_update``) weight $D_2$ by $I_2/2$, which leaves the
     method of order 2 (measured in ``tests/test_samplers.py``); $I_2$ makes it order 3.
 
-    The orders come from :func:`multistep_orders`. Returns ``(c_x, c_d, weights, orders)``:
+    The orders come from {func}`multistep_orders`. Returns ``(c_x, c_d, weights, orders)``:
     ``c_x``, ``c_d`` of shape ``[n]`` and ``weights[i]`` the $w_{ij}$, summing to 1.
     """
     _check_order(order, "dpmpp_multistep_coefficients", (1, 2, 3))
@@ -747,10 +747,10 @@ def sample_dpmpp_3m(
     r"""DPM-Solver++(3M) (Lu et al. 2022b, multistep, third order, data prediction): one model call per step.
 
     Each step integrates the parabola through the last three $\hat x_0$ exactly in
-    $\lambda = \log(\alpha/\sigma)$; see :func:`dpmpp_multistep_coefficients` for the update.
+    $\lambda = \log(\alpha/\sigma)$; see {func}`dpmpp_multistep_coefficients` for the update.
     The first two steps warm up at orders 1 and 2, the step to $t = 0$ is first order, and
     ``lower_order_final`` lowers the order of a step much longer than those before it
-    (:func:`multistep_orders`).
+    ({func}`multistep_orders`).
     """
     run = _Run(model, x, schedule, ts, prediction, None, return_trajectory, progress, "dpmpp_3m")
     c_x, c_d, weights, _ = dpmpp_multistep_coefficients(schedule, run.ts, 3, lower_order_final)
@@ -774,7 +774,7 @@ def unipc_coefficients(
     and the corrector, once the model has been called at $\tilde x_t$ (giving $m_t$, node
     $r_p = 1$), replaces $\tilde x_t$ by the same formula with the sum running to $p$ and
     $D_p = m_t - m_0$. The $a_k$ solve $\sum_k a_k r_k^{j-1} = I_j(h)/B(h)$, $j = 1, \dots$
-    (:func:`exponential_moments`), which makes UniP-$p$ of order $p$ and UniC of order
+    ({func}`exponential_moments`), which makes UniP-$p$ of order $p$ and UniC of order
     $p + 1$; with one unknown the paper's $a_1 = 1/2$ is used, where the choice of
     $B(h)$ matters: ``"bh1"`` $B(h) = h$, ``"bh2"`` $B(h) = e^h - 1$ (written for
     $\lambda$ increasing as $1 - e^{-h}$). With ``"bh2"`` the second-order predictor is
@@ -808,7 +808,7 @@ def unipc_coefficients(
 def _unipc_weights(nodes: list[float], h: float, variant: str) -> list[float]:
     r"""Weights over $(m_0, m_1, \dots)$ of $m_0 + \frac{B(h)}{I_0}\sum_k a_k D_k/r_k$, $r_k$ = ``nodes``.
 
-    See :func:`unipc_coefficients`; the result sums to 1.
+    See {func}`unipc_coefficients`; the result sums to 1.
     """
     if not nodes:
         return [1.0]
@@ -845,7 +845,7 @@ def sample_unipc(
     from the corrected point, so the corrector costs no extra call; the final step, to
     $t = 0$, is not corrected (nothing is evaluated after it). Orders: UniP-$p$ is order $p$
     and UniPC order $p + 1$ (``corrector=False`` gives UniP alone). See
-    :func:`unipc_coefficients` for the update and ``variant`` ($B(h)$).
+    {func}`unipc_coefficients` for the update and ``variant`` ($B(h)$).
     """
     run = _Run(model, x, schedule, ts, prediction, None, return_trajectory, progress, "unipc")
     c_x, c_d, predictor, correctors, _ = unipc_coefficients(schedule, run.ts, order, variant, lower_order_final)
@@ -911,8 +911,8 @@ def sample_deis(
     r"""DEIS (Zhang & Chen 2023), $\rho$AB-DEIS of order ``order``: one model call per step.
 
     The exponential integrator of the probability-flow ODE with $\hat\varepsilon$
-    extrapolated by a polynomial in $\rho = \sigma/\alpha$ (see :func:`deis_coefficients`).
-    Warm-up and ``lower_order_final`` as in :func:`multistep_orders`.
+    extrapolated by a polynomial in $\rho = \sigma/\alpha$ (see {func}`deis_coefficients`).
+    Warm-up and ``lower_order_final`` as in {func}`multistep_orders`.
     """
     run = _Run(model, x, schedule, ts, prediction, None, return_trajectory, progress, "deis")
     c_x, c_e, weights, _ = deis_coefficients(schedule, run.ts, order, lower_order_final)
@@ -979,9 +979,9 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
 
 
 DEFAULT_SAMPLER = "unipc"
-"""The sampler :func:`sample` runs when given no name (see its docstring for the measurements)."""
+"""The sampler {func}`sample` runs when given no name (see its docstring for the measurements)."""
 DEFAULT_SPACING = "cosine"
-"""The grid :func:`sample` builds when given ``nfe`` instead of a grid."""
+"""The grid {func}`sample` builds when given ``nfe`` instead of a grid."""
 
 
 def model_calls(name: str, n_steps: int) -> int:
@@ -997,7 +997,9 @@ def model_calls(name: str, n_steps: int) -> int:
 
 
 def steps_for_nfe(name: str, nfe: int) -> int:
-    """The largest number of steps of sampler ``name`` whose :func:`model_calls` is at most ``nfe``."""
+    r"""The largest number of steps $n$ of sampler ``name`` whose {func}`model_calls` is at most ``nfe``:
+    $n = \lfloor(\mathrm{nfe} + 1)/2\rfloor$ for Heun, $\lfloor\mathrm{nfe}/2\rfloor$ for midpoint, $\mathrm{nfe}$
+    for every other sampler. Fewer calls than one step needs is an error."""
     if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
         raise ValueError(f"nfe must be a positive integer; got {nfe!r}")
     n = (nfe + 1) // 2 if name == "heun" else nfe // 2 if name == "midpoint" else nfe
@@ -1018,19 +1020,19 @@ def sample(name_or_model: str | Model, *args, nfe: int | None = None, t_max: flo
     r"""Run a sampler by name on a given grid, or the default sampler on its default grid.
 
     - ``sample(name, model, x, schedule, ts, **kwargs)``: the sampler called ``name`` (a key of
-      :data:`SAMPLERS`) on the grid ``ts``, with its keyword arguments.
+      {data}`SAMPLERS`) on the grid ``ts``, with its keyword arguments.
     - ``sample(model, x, schedule, nfe=10)``: the default, UniPC with its corrector
-      (:func:`sample_unipc`: predictor order 2, $B(h)$ = bh2, third order in all) on the
-      ``"cosine"`` grid of :func:`~stepdiff.schedules.time_grid` from ``t_max`` (default 1),
+      ({func}`sample_unipc`: predictor order 2, $B(h)$ = bh2, third order in all) on the
+      ``"cosine"`` grid of {func}`~stepdiff.schedules.time_grid` from ``t_max`` (default 1),
       ``nfe`` model calls. ``x`` is a draw of $p_{t_{\max}}$ (for most schedules at
       $t = 1$, standard noise).
     - ``sample(name, model, x, schedule, nfe=10)``: the sampler ``name`` on that grid, with as
-      many steps as ``nfe`` calls allow (:func:`steps_for_nfe`).
+      many steps as ``nfe`` calls allow ({func}`steps_for_nfe`).
 
     Why this default: it was the best solver and grid at 5 and 10 calls, on DDPM's linear and
     on the cosine schedule, on the exact-denoiser benchmark (``benchmarks/bench_samplers.py``: a
     2-D mixture of five unequal Gaussians, 20,000 samples, sliced Wasserstein distance to fresh
-    target samples; every solver here on every grid of :func:`~stepdiff.schedules.time_grid`).
+    target samples; every solver here on every grid of {func}`~stepdiff.schedules.time_grid`).
     The numbers are in ``benchmarks/results/samplers_exact_denoiser.json``.
     """
     if isinstance(name_or_model, str):

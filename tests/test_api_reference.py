@@ -110,7 +110,6 @@ PENDING = {
     "stepdiff.models.layers": "formulas; RST roles",
     "stepdiff.models.text": "formulas; RST roles",
     "stepdiff.models.unet": "formulas; RST roles",
-    "stepdiff.samplers": "RST roles",
     "stepdiff.shapes": "formulas; RST roles",
 }
 MATH = re.compile(r"\$[^$\s][^$]*\$|\$\$.+?\$\$|```\{math\}", re.S)
