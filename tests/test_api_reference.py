@@ -106,7 +106,6 @@ PENDING = {
     "stepdiff.kernels.attention_triton": "formulas",
     "stepdiff.kernels.fused_triton": "formulas",
     "stepdiff.kernels.norm_triton": "formulas",
-    "stepdiff.models.dit": "formulas; RST roles",
     "stepdiff.models.layers": "formulas; RST roles",
     "stepdiff.models.text": "formulas; RST roles",
     "stepdiff.models.unet": "formulas; RST roles",

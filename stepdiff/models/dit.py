@@ -18,15 +18,15 @@ With a context (text tokens, ``context_dim > 0``) a cross-attention branch
 $x \leftarrow x + \mathrm{Attn}(\mathrm{LN}(x), \text{context})$ sits between the two (as in
 PixArt-$\alpha$), its output projection zero-initialised too. A last adaLN-modulated linear layer,
 zero-initialised, maps each token back to a $p\times p\times C$ patch, and the patches are put
-back in place. The attention is the package's :class:`~stepdiff.models.attention.Attention`, so on
+back in place. The attention is the package's {class}`~stepdiff.models.attention.Attention`, so on
 CUDA it runs the Triton kernels.
 
-Each $\mathrm{LN}(x)(1 + \gamma) + \beta$ is one call of :func:`stepdiff.kernels.adaln_modulate`:
+Each $\mathrm{LN}(x)(1 + \gamma) + \beta$ is one call of {func}`stepdiff.kernels.norm.adaln_modulate`:
 on CUDA the fused Triton kernel (one pass over the tokens), elsewhere the PyTorch reference
 (``norm_backend`` chooses). The ``nn.LayerNorm`` modules (without parameters) stay for their
 $\epsilon$, so the state-dict keys are those of the unfused network.
 
-Presets (:data:`DIT_PRESETS`) are the paper's S and B models with patch 2 or 4; DiT-S has 33 M and
+Presets ({data}`DIT_PRESETS`) are the paper's S and B models with patch 2 or 4; DiT-S has 33 M and
 DiT-B 130 M parameters for its 32x32x4 latents and 1000 classes.
 """
 
@@ -46,7 +46,7 @@ __all__ = ["DiTConfig", "DiTBlock", "FinalLayer", "DiT", "DIT_PRESETS", "sincos_
 
 @dataclass
 class DiTConfig:
-    """Sizes of a :class:`DiT` (the defaults are the ``tiny`` preset); ``DiTConfig.preset(name,
+    """Sizes of a {class}`DiT` (the defaults are the ``tiny`` preset); ``DiTConfig.preset(name,
     **changes)`` gives a named one."""
 
     in_channels: int = 3  # C of the images (the output has the same)
@@ -81,7 +81,7 @@ class DiTConfig:
 
     @classmethod
     def preset(cls, name: str, **changes) -> DiTConfig:
-        """A named configuration (:data:`DIT_PRESETS`), with fields replaced by ``changes``
+        """A named configuration ({data}`DIT_PRESETS`), with fields replaced by ``changes``
         (e.g. ``in_channels=1, n_classes=10``)."""
         if name not in DIT_PRESETS:
             raise ValueError(f"unknown DiT preset {name!r}; choose one of {sorted(DIT_PRESETS)}")
@@ -130,12 +130,21 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
 def norm_modulate(norm: nn.LayerNorm, x: Tensor, shift: Tensor, scale: Tensor, backend: str | None = None) -> Tensor:
     r"""$\mathrm{LN}(x)(1 + \gamma) + \beta$ for tokens ``x [B, T, d]`` and ``shift``, ``scale``
     ``[B, d]``, with the $\epsilon$ of ``norm`` (a LayerNorm without parameters), in one call of
-    :func:`stepdiff.kernels.adaln_modulate` (``backend`` as there)."""
+    {func}`stepdiff.kernels.norm.adaln_modulate` (``backend`` as there)."""
     return adaln_modulate(x, shift, scale, norm.eps, backend=backend)
 
 
 class DiTBlock(nn.Module):
-    """Self-attention, optional cross-attention and an MLP, conditioned on ``c`` by adaLN-Zero."""
+    r"""Self-attention, optional cross-attention and an MLP on tokens $x$ ``[B, T, d]``, conditioned on
+    $c$ ``[B, d]`` by adaLN-Zero. From $(\beta_1, \gamma_1, \alpha_1, \beta_2, \gamma_2, \alpha_2) =
+    W\,\mathrm{SiLU}(c) + b$ (six vectors of width $d$),
+
+    $$x \leftarrow x + \alpha_1 \odot \mathrm{Attn}\big(\mathrm{LN}(x)(1 + \gamma_1) + \beta_1\big),\qquad
+    x \leftarrow x + \alpha_2 \odot \mathrm{MLP}\big(\mathrm{LN}(x)(1 + \gamma_2) + \beta_2\big),$$
+
+    with, when ``context_dim > 0``, $x \leftarrow x + \mathrm{Attn}(\mathrm{LN}'(x), \text{context})$ in
+    between ($\mathrm{LN}'$ with its own scale and shift). $\mathrm{MLP}(h) = W_2\,\mathrm{GELU}(W_1 h + b_1) + b_2$
+    (tanh GELU) has width ``mlp_ratio`` $\cdot\, d$."""
 
     def __init__(self, hidden: int, heads: int, mlp_ratio: float, context_dim: int, backend: str | None,
                  norm_backend: str | None = None) -> None:
@@ -161,7 +170,9 @@ class DiTBlock(nn.Module):
 
 
 class FinalLayer(nn.Module):
-    """adaLN-modulated LayerNorm, then a linear map of each token to its ``p * p * C`` patch values."""
+    r"""adaLN-modulated LayerNorm, then a linear map of each token to its ``p * p * C`` patch values:
+    with $(\beta, \gamma) = W\,\mathrm{SiLU}(c) + b$, each token $x \in \mathbb R^d$ becomes
+    $W_o\big(\mathrm{LN}(x)(1 + \gamma) + \beta\big) + b_o \in \mathbb R^{p^2 C}$."""
 
     def __init__(self, hidden: int, patch_size: int, out_channels: int, norm_backend: str | None = None) -> None:
         super().__init__()
@@ -176,7 +187,7 @@ class FinalLayer(nn.Module):
 
 
 class DiT(nn.Module):
-    r"""The DiT of the module docstring; see :class:`DiTConfig` for sizes and presets.
+    r"""The DiT of the module docstring; see {class}`DiTConfig` for sizes and presets.
 
     ``forward(x, t, y=None, context=None, context_mask=None)``: ``x`` ``[B, in_channels, H, W]``
     with $H, W$ divisible by the patch size (any such size: the position embedding is computed for
