@@ -82,6 +82,7 @@ NO_FORMULA = {
     "stepdiff.kernels.fused.resolve_backend": "backend choice",
     "stepdiff.classifiers.save_classifier": "input/output",
     "stepdiff.classifiers.load_classifier": "input/output",
+    "stepdiff.models.layers.check_backend": "an argument check",
 }
 #: Modules with no mathematics to state: the package's and subpackages' re-exports, the ledger of
 #: the book's checks, the tokenizer, data-set loaders, kernel-launch plumbing.
@@ -106,7 +107,6 @@ PENDING = {
     "stepdiff.kernels.attention_triton": "formulas",
     "stepdiff.kernels.fused_triton": "formulas",
     "stepdiff.kernels.norm_triton": "formulas",
-    "stepdiff.models.layers": "formulas; RST roles",
     "stepdiff.models.text": "formulas; RST roles",
     "stepdiff.models.unet": "formulas; RST roles",
     "stepdiff.shapes": "formulas; RST roles",

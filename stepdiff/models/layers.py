@@ -1,7 +1,7 @@
 r"""What the image networks share: the sinusoidal time embedding and the checks of their inputs.
 
-Every image denoiser of the package (:class:`~stepdiff.models.unet.UNet`,
-:class:`~stepdiff.models.dit.DiT`) is called as ``model(x, t, y=None, context=None,
+Every image denoiser of the package ({class}`~stepdiff.models.unet.UNet`,
+{class}`~stepdiff.models.dit.DiT`) is called as ``model(x, t, y=None, context=None,
 context_mask=None)``:
 
 - ``x`` ``[B, C, H, W]``, ``t`` a float or ``[B]`` in $[0, 1]$;
@@ -33,7 +33,7 @@ def _capturing() -> bool:
 
 def check_backend(name: str, value, attention: bool = False) -> None:
     """Check a model's kernel backend setting: ``None`` (by device), ``"auto"``, ``"triton"`` or
-    ``"torch"`` (see :mod:`stepdiff.kernels`); for attention also ``"sdpa"``, PyTorch's
+    ``"torch"`` (see {mod}`stepdiff.kernels`); for attention also ``"sdpa"``, PyTorch's
     ``scaled_dot_product_attention`` (the baseline a plain PyTorch model would use)."""
     allowed = KERNEL_BACKENDS + (("sdpa",) if attention else ())
     if value not in allowed:
@@ -65,7 +65,7 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0, time_sc
 class TimestepEmbedder(nn.Module):
     r"""$e(t) = W_2\,\mathrm{SiLU}(W_1\gamma(t) + b_1) + b_2$: sinusoidal features, then a 2-layer MLP.
 
-    ``freq_dim`` features of :func:`timestep_embedding` to ``dim`` outputs (DDPM: the base
+    ``freq_dim`` features of {func}`timestep_embedding` to ``dim`` outputs (DDPM: the base
     width to 4x it; DiT: 256 to the hidden width).
     """
 
@@ -80,14 +80,16 @@ class TimestepEmbedder(nn.Module):
 
 
 def zero_(module: nn.Module) -> nn.Module:
-    """Set every parameter of ``module`` to zero (a residual branch that starts switched off)."""
+    r"""Set every parameter of ``module`` to zero, $\theta \leftarrow 0$, and return it: a residual branch
+    $x + f_\theta(x)$ whose last layer is zeroed starts as the identity $x$ (switched off)."""
     for p in module.parameters():
         nn.init.zeros_(p)
     return module
 
 
 def batch_time(t: Tensor | float, batch: int, device: torch.device) -> Tensor:
-    """``t`` as a float32 tensor ``[B]`` (a scalar is broadcast); error on any other shape."""
+    r"""``t`` as a float32 tensor ``[B]``: a scalar $t$ becomes $(t, \dots, t) \in \mathbb R^B$, a ``[B]``
+    tensor is kept; any other shape, or a ``t`` neither floating-point nor int32/int64, is an error."""
     t = torch.as_tensor(t, device=device)
     if t.is_complex() or not (t.is_floating_point() or t.dtype in (torch.int32, torch.int64)):
         raise ValueError(f"t must be a real number or a float tensor; got dtype {t.dtype}")
@@ -121,9 +123,11 @@ def check_labels(y: Tensor | None, n_classes: int, batch: int, device: torch.dev
 def check_context(
     context: Tensor | None, context_mask: Tensor | None, context_dim: int, batch: int
 ) -> tuple[Tensor | None, Tensor | None]:
-    """Check a context ``[B, L, D_c]`` against the model's ``context_dim`` (0: no cross-attention) and
-    its mask ``[B, L]`` (bool); returns them unchanged. Whether the mask is a right-padding mask is
-    checked by :class:`~stepdiff.models.attention.Attention`."""
+    r"""Check a context ``[B, L, D_c]`` against the model's ``context_dim`` (0: no cross-attention) and
+    its mask ``[B, L]`` (bool); returns them unchanged. Accepted: a float context in
+    $\mathbb R^{B \times L \times D_c}$ with $B$ the batch of ``x``, $L \ge 1$ and $D_c$ = ``context_dim`` $> 0$,
+    and a mask of shape $B \times L$ or none; no context (and no mask) exactly when ``context_dim`` $= 0$.
+    Whether the mask is a right-padding mask is checked by {class}`~stepdiff.models.attention.Attention`."""
     if context is None:
         if context_mask is not None:
             raise ValueError("context_mask was given without a context")
