@@ -1,6 +1,6 @@
 r"""A small transformer text encoder, and the wrapper that conditions a denoiser on text through it.
 
-:class:`TextEncoder` maps token ids ``[B, L]`` (right-padded with ``pad_id``) to a context
+{class}`TextEncoder` maps token ids ``[B, L]`` (right-padded with ``pad_id``) to a context
 ``[B, L, d]``: token embeddings plus learned positions, a few pre-LN transformer blocks
 
 $$h \leftarrow h + \mathrm{Attn}(\mathrm{LN}(h)),\qquad h \leftarrow h + \mathrm{MLP}(\mathrm{LN}(h)),$$
@@ -9,8 +9,8 @@ whose self-attention ignores padding keys, and a final LayerNorm. It also return
 ``ids != pad_id``. Real tokens never see padding, so their outputs do not depend on how much
 padding follows them.
 
-:class:`TextConditioned` joins an encoder and a denoiser with cross-attention (a
-:class:`~stepdiff.models.unet.UNet` or :class:`~stepdiff.models.dit.DiT` with ``context_dim``
+{class}`TextConditioned` joins an encoder and a denoiser with cross-attention (a
+{class}`~stepdiff.models.unet.UNet` or {class}`~stepdiff.models.dit.DiT` with ``context_dim``
 equal to the encoder's width) into one model called as ``model(x, t, y=token_ids)``. Token rows
 then play the part class labels play elsewhere: a row made only of padding means "no caption" and
 is replaced by the null caption ``null_ids`` (the tokenizer's empty prompt), so ``null_class`` is
@@ -30,7 +30,13 @@ __all__ = ["TextBlock", "TextEncoder", "TextConditioned"]
 
 
 class TextBlock(nn.Module):
-    """A pre-LN transformer block: self-attention over the real tokens, then an MLP."""
+    r"""A pre-LN transformer block on token features $h$ ``[B, L, dim]``: self-attention over the real
+    tokens (``mask`` true; padding keys are ignored), then an MLP,
+
+    $$h \leftarrow h + \mathrm{Attn}(\mathrm{LN}_1(h)),\qquad
+    h \leftarrow h + W_2\,\mathrm{GELU}(W_1\,\mathrm{LN}_2(h) + b_1) + b_2,$$
+
+    with the tanh GELU and a hidden width of ``mlp_ratio`` $\cdot$ ``dim``."""
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float, backend: str | None) -> None:
         super().__init__()
@@ -46,7 +52,10 @@ class TextBlock(nn.Module):
 
 
 class TextEncoder(nn.Module):
-    r"""Token ids ``[B, L]`` to a context ``[B, L, dim]`` and its mask ``[B, L]`` (see the module docstring).
+    r"""Token ids ``[B, L]`` to a context ``[B, L, dim]`` and its mask ``[B, L]`` (see the module docstring):
+    $h^{(0)}_i = E[\mathrm{id}_i] + P[i]$ (token and learned position embeddings), $h^{(k)} =
+    \mathrm{Block}_k(h^{(k-1)})$ for $k = 1, \dots, n$ with $n$ = ``depth`` ({class}`TextBlock`), and the
+    context is $\mathrm{LN}(h^{(n)})$; the mask is true where $\mathrm{id}_i \ne$ ``pad_id``.
 
     - ``vocab_size``: ids lie in ``0..vocab_size - 1``; ``pad_id`` is the padding id.
     - ``dim``, ``depth``, ``heads``: width, number of blocks and attention heads.
@@ -107,7 +116,7 @@ class TextConditioned(nn.Module):
     ``(c, m) = encoder(token_ids)``.
 
     - ``denoiser``: a network taking ``context`` of width ``encoder.dim`` (``config.context_dim``).
-    - ``encoder``: a :class:`TextEncoder`; ``pad_id`` must be its padding id.
+    - ``encoder``: a {class}`TextEncoder`; ``pad_id`` must be its padding id.
     - ``null_ids``: the token row of the empty caption (``[L0]`` or ``[1, L0]``, at least one real
       token), used for ``y=None`` and for every row of ``y`` that is all padding.
 
