@@ -107,7 +107,6 @@ PENDING = {
     "stepdiff.kernels.attention_triton": "formulas",
     "stepdiff.kernels.fused_triton": "formulas",
     "stepdiff.kernels.norm_triton": "formulas",
-    "stepdiff.models.unet": "formulas; RST roles",
     "stepdiff.shapes": "formulas; RST roles",
 }
 MATH = re.compile(r"\$[^$\s][^$]*\$|\$\$.+?\$\$|```\{math\}", re.S)

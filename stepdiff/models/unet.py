@@ -12,7 +12,7 @@ a context (text tokens) to a tensor of the same shape. It is built from:
 - **AttnBlock**: self-attention over the $HW$ pixels as tokens, $x + \mathrm{Attn}(\mathrm{GN}(x))$,
   and with a context, cross-attention $x + \mathrm{Attn}(\mathrm{GN}(x), \text{context})$, each
   output projection zero-initialised. The attention is the package's
-  :class:`~stepdiff.models.attention.Attention`, so on CUDA it runs the Triton kernels.
+  {class}`~stepdiff.models.attention.Attention`, so on CUDA it runs the Triton kernels.
 - **Down/Upsample**: a stride-2 3x3 convolution; nearest-neighbour doubling then a 3x3 convolution.
 
 Level $i$ of ``channel_mult`` works at resolution $H/2^i$ with ``channels * channel_mult[i]``
@@ -20,16 +20,16 @@ channels and ``num_res_blocks`` ResBlocks (plus an AttnBlock each where $i \in$ 
 The way up mirrors the way down with one more block per level, each taking the matching
 activation of the way down concatenated to its input; a middle stage (ResBlock, AttnBlock,
 ResBlock) sits at the bottom. The time enters as $e = \mathrm{MLP}(\gamma(1000\,t)) + E[y]$, with
-$\gamma$ the sinusoidal features of :func:`~stepdiff.models.layers.timestep_embedding` and the class
+$\gamma$ the sinusoidal features of {func}`~stepdiff.models.layers.timestep_embedding` and the class
 table $E$ holding one extra row, the null class ``n_classes`` (classifier-free guidance).
 
 **Kernels and layout.** Every $\mathrm{SiLU}(\mathrm{GN}(\cdot))$ pair (the first norm of each
 ResBlock, the second one with DDPM's additive time, the output norm) is one call of
-:func:`stepdiff.kernels.group_norm_silu`: on CUDA the fused Triton kernel (one pass over memory),
+{func}`stepdiff.kernels.norm.group_norm_silu`: on CUDA the fused Triton kernel (one pass over memory),
 elsewhere the PyTorch reference, which computes exactly what ``F.silu(F.group_norm(x))`` does
 (``norm_backend`` chooses). The ``nn.GroupNorm`` modules stay as holders of the parameters, so
 the state-dict keys are those of the unfused network. ``channels_last=True`` (or
-:meth:`UNet.set_channels_last`) runs the network in channels-last memory format, the weights
+{meth}`UNet.set_channels_last`) runs the network in channels-last memory format, the weights
 stored so too: the layout GPU convolutions on tensor cores prefer, in which the fused norm keeps
 its input's layout and attention reads the pixels as tokens without a copy. The output is given
 back in the input's layout; the values equal the NCHW network's up to float rounding.
@@ -52,7 +52,7 @@ __all__ = ["UNetConfig", "norm_silu", "ResBlock", "AttnBlock", "Downsample", "Up
 
 @dataclass
 class UNetConfig:
-    """Sizes of a :class:`UNet` (the defaults are the ``tiny`` preset); ``UNetConfig.preset(name,
+    """Sizes of a {class}`UNet` (the defaults are the ``tiny`` preset); ``UNetConfig.preset(name,
     **changes)`` gives a named one."""
 
     in_channels: int = 3  # C of the images (the output has the same)
@@ -104,7 +104,7 @@ class UNetConfig:
 
     @classmethod
     def preset(cls, name: str, **changes) -> UNetConfig:
-        """A named configuration (:data:`UNET_PRESETS`), with fields replaced by ``changes``
+        """A named configuration ({data}`UNET_PRESETS`), with fields replaced by ``changes``
         (e.g. ``in_channels=1, n_classes=10``)."""
         if name not in UNET_PRESETS:
             raise ValueError(f"unknown UNet preset {name!r}; choose one of {sorted(UNET_PRESETS)}")
@@ -136,7 +136,7 @@ UNET_PRESETS: dict[str, UNetConfig] = {
 
 def norm_silu(norm: nn.GroupNorm, x: Tensor, backend: str | None = None) -> Tensor:
     r"""$\mathrm{SiLU}(\mathrm{GN}(x))$ with the groups, parameters and $\epsilon$ of ``norm``, in one
-    call of :func:`stepdiff.kernels.group_norm_silu` (``backend`` as there)."""
+    call of {func}`stepdiff.kernels.norm.group_norm_silu` (``backend`` as there)."""
     return group_norm_silu(x, norm.num_groups, norm.weight, norm.bias, norm.eps, backend=backend)
 
 
@@ -144,7 +144,7 @@ class ResBlock(nn.Module):
     r"""$x \mapsto \mathrm{skip}(x) + \mathrm{Conv}_2\big(\mathrm{SiLU}(\mathrm{GN}(h)\,(1 + s) + b)\big)$,
     $h = \mathrm{Conv}_1(\mathrm{SiLU}(\mathrm{GN}(x)))$, $(s, b)$ from the embedding $e$ (with
     ``scale_shift=False``: $\mathrm{SiLU}(\mathrm{GN}(h + b))$). The norm-SiLU pairs are fused
-    (:func:`norm_silu`, ``norm_backend``)."""
+    ({func}`norm_silu`, ``norm_backend``)."""
 
     def __init__(self, c_in: int, c_out: int, emb_dim: int, groups: int, dropout: float, scale_shift: bool,
                  norm_backend: str | None = None) -> None:
@@ -201,7 +201,9 @@ class AttnBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    """Halve the resolution: a 3x3 convolution with stride 2."""
+    r"""Halve the resolution: a 3x3 convolution with stride 2 and zero padding 1,
+    $y_{ij} = b + \sum_{u, v \in \{-1, 0, 1\}} W_{uv}\, x_{2i+u,\, 2j+v}$ (each $W_{uv}$ a channels-by-channels
+    matrix), so ``[B, C, H, W]`` becomes ``[B, C, ceil(H/2), ceil(W/2)]``."""
 
     def __init__(self, channels: int) -> None:
         super().__init__()
@@ -212,7 +214,8 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Double the resolution: nearest-neighbour copies, then a 3x3 convolution."""
+    r"""Double the resolution: nearest-neighbour copies $u_{ij} = x_{\lfloor i/2\rfloor,\, \lfloor j/2\rfloor}$,
+    then a 3x3 convolution with zero padding 1, $y = W * u + b$; ``[B, C, H, W]`` becomes ``[B, C, 2H, 2W]``."""
 
     def __init__(self, channels: int) -> None:
         super().__init__()
@@ -237,7 +240,7 @@ class Stage(nn.ModuleList):
 
 
 class UNet(nn.Module):
-    r"""The UNet of the module docstring; see :class:`UNetConfig` for sizes and presets.
+    r"""The UNet of the module docstring; see {class}`UNetConfig` for sizes and presets.
 
     ``forward(x, t, y=None, context=None, context_mask=None)``: ``x`` ``[B, in_channels, H, W]``
     with $H, W$ divisible by $2^{\text{levels}-1}$; ``t`` a float or ``[B]``; ``y`` ``[B]`` labels in
