@@ -3,12 +3,12 @@ r"""The "shapes" dataset: procedural scenes of coloured objects on a 3x3 grid, w
 Nothing is downloaded: every image is drawn from its seed and index. A **scene** holds one to
 three objects, each with independent attributes
 
-- a shape from :data:`SHAPES`, a colour from :data:`COLOURS`, a size from :data:`SIZES`,
-- a cell of the 3x3 grid :data:`CELLS` (row-major from the top left), at most one object per cell,
+- a shape from {data}`SHAPES`, a colour from {data}`COLOURS`, a size from {data}`SIZES`,
+- a cell of the 3x3 grid {data}`CELLS` (row-major from the top left), at most one object per cell,
 - jitter: an offset of the centre inside its cell, a scale and a rotation,
 
 drawn in order (a later object covers an earlier one where they overlap), on a background
-from :data:`BACKGROUNDS` (plain, a linear gradient, low-contrast stripes, or smooth value noise)
+from {data}`BACKGROUNDS` (plain, a linear gradient, low-contrast stripes, or smooth value noise)
 whose near-grey colours keep every object colour visible.
 
 **Rendering.** Each shape is a signed distance function $d(p)$ (negative inside), evaluated at
@@ -31,15 +31,15 @@ $(s, i, \text{stream})$, never from a shared generator, so it does not depend on
 scenes are drawn with it: the same seed and index give the same scene and the bit-identical
 image at any batch size. Per-pixel arithmetic uses only correctly rounded operations
 ($+,-,\times,/,\sqrt{\ }$, min, max, floor) so vectorised and scalar code paths agree; the few
-sines and cosines are taken per object with Python's :mod:`math`.
+sines and cosines are taken per object with Python's ``math``.
 
 **Labels, captions, targets.**
 
-- ``labels``: the index in :data:`SHAPES` of the first object's shape (the first object is the
+- ``labels``: the index in {data}`SHAPES` of the first object's shape (the first object is the
   first one drawn and the first one the caption names). For one-object scenes it is *the* shape.
 - ``targets [N, 9, 3]``: per cell, ``(shape, colour, size)`` ids, ``0`` for an empty cell and
-  ``1 + index`` into :data:`SHAPES`, :data:`COLOURS`, :data:`SIZES`.
-- Captions come from a small grammar (:func:`caption`, parsed back by :func:`parse_caption`):
+  ``1 + index`` into {data}`SHAPES`, {data}`COLOURS`, {data}`SIZES`.
+- Captions come from a small grammar ({func}`caption`, parsed back by {func}`parse_caption`):
 
 ```text
 caption  := clause (("," | "and" | ", and") clause)*
@@ -49,18 +49,18 @@ location := "at the" cell | "on the left" | "on the right" | "in the centre"
 relation := "left of" | "right of" | "above" | "below"
 ```
 
-:func:`caption` always writes the size and colour, and either every object's location
+{func}`caption` always writes the size and colour, and either every object's location
 (style ``"positional"``: "a small red circle at the top left", "a small white star at the
 top, a large cyan ring on the left and a small orange heart at the bottom right") or, for the
 first two objects, their relation (style ``"relational"``: "a large blue square left of a
 small green triangle", with a third object located: "... and a small red cross at the
 bottom"). A one-object caption always carries its location. The relation between two objects
-is derived from their cells by :func:`relation`. Prompts may leave out sizes, colours and
-locations ("a blue square left of a green triangle"); :func:`scene_from_caption` fills them in.
+is derived from their cells by {func}`relation`. Prompts may leave out sizes, colours and
+locations ("a blue square left of a green triangle"); {func}`scene_from_caption` fills them in.
 
-Entry points: :func:`make_shapes` (a dataset of ``n`` seeded scenes), :func:`sample_scenes`
-(the records only), :func:`render` (images, masks, edges of given records),
-:func:`shapes_from_scenes` and :func:`shapes_from_captions` (a dataset for explicit records
+Entry points: {func}`make_shapes` (a dataset of ``n`` seeded scenes), {func}`sample_scenes`
+(the records only), {func}`render` (images, masks, edges of given records),
+{func}`shapes_from_scenes` and {func}`shapes_from_captions` (a dataset for explicit records
 or prompts, so every prompt has a matching real image).
 """
 
@@ -158,7 +158,7 @@ _LOCATION_WORDS = ("at", "on", "in", "the", "top", "bottom", "left", "right", "c
 CAPTION_WORDS: tuple[str, ...] = tuple(
     dict.fromkeys(["a", "an", *SIZES, *COLOURS, *SHAPES, *_LOCATION_WORDS, "of", "above", "below", "and"])
 )
-"""Every word :func:`caption` can write (the tokenizer's vocabulary, :mod:`stepdiff.text`)."""
+"""Every word {func}`caption` can write (the tokenizer's vocabulary, {mod}`stepdiff.text`)."""
 
 WORD_ALIASES = {"center": "centre", "middle": "centre"}
 """Words a prompt may use for a grammar word (read as that word by the parser and the tokenizer)."""
@@ -185,7 +185,7 @@ def _cell_index(cell: int | str) -> int:
 
 
 def relation(cell_a: int | str, cell_b: int | str) -> str:
-    r"""Where object A is relative to object B, from their cells: one of :data:`RELATIONS`.
+    r"""Where object A is relative to object B, from their cells: one of {data}`RELATIONS`.
 
     With $(r, c)$ the row and column of a cell and $\Delta = (r_A - r_B,\ c_A - c_B)$: a
     horizontal relation when $|\Delta c| \ge |\Delta r|$ ("left of" if $\Delta c < 0$,
@@ -215,9 +215,9 @@ def _check_real(name: str, value: float, lo: float, hi: float) -> float:
 
 @dataclass(frozen=True)
 class ShapeObject:
-    r"""One object: its attributes, its cell (an index 0..8 or a name from :data:`CELLS`), and
+    r"""One object: its attributes, its cell (an index 0..8 or a name from {data}`CELLS`), and
     its jitter: centre offset ``(dx, dy)`` in cell widths from the cell's centre (at most half a
-    cell), ``scale`` relative to :data:`SIZE_RADIUS`, and ``angle`` in degrees (counter-clockwise).
+    cell), ``scale`` relative to {data}`SIZE_RADIUS`, and ``angle`` in degrees (counter-clockwise).
     """
 
     shape: str
@@ -246,7 +246,7 @@ class ShapeObject:
 
 @dataclass(frozen=True)
 class Background:
-    r"""A background: ``kind`` from :data:`BACKGROUNDS` and its parameters (RGB in $[0, 1]$).
+    r"""A background: ``kind`` from {data}`BACKGROUNDS` and its parameters (RGB in $[0, 1]$).
 
     - ``plain``: ``colour`` everywhere.
     - ``gradient``: from ``colour`` to ``colour2`` along the direction ``angle`` (degrees).
@@ -285,7 +285,7 @@ class Background:
 
 @dataclass(frozen=True)
 class Scene:
-    """One to :data:`MAX_OBJECTS` objects in distinct cells, in drawing (and caption) order."""
+    """One to {data}`MAX_OBJECTS` objects in distinct cells, in drawing (and caption) order."""
 
     objects: tuple[ShapeObject, ...]
     background: Background = field(default_factory=Background)
@@ -305,12 +305,15 @@ class Scene:
 
 
 def class_label(scene: Scene) -> int:
-    """The scene's class label: the index in :data:`SHAPES` of its first object's shape."""
+    r"""The scene's class label: the index in {data}`SHAPES` of its first object's shape,
+    $y \in \{0, \dots, K - 1\}$ with $K$ the number of shapes."""
     return SHAPES.index(scene.objects[0].shape)
 
 
 def scene_targets(scenes: Sequence[Scene]) -> Tensor:
-    """``LongTensor [N, 9, 3]``: per cell ``(shape, colour, size)``, 0 empty, else 1 + index."""
+    r"""``LongTensor [N, 9, 3]``: per cell ``(shape, colour, size)``, 0 empty, else 1 + index:
+    $T_{n,c} = (1 + i_{\rm shape}, 1 + i_{\rm colour}, 1 + i_{\rm size})$ for the object of scene $n$ in cell
+    $c$ (indices into {data}`SHAPES`, {data}`COLOURS`, {data}`SIZES`), $T_{n,c} = (0, 0, 0)$ for an empty cell."""
     if isinstance(scenes, Scene):
         scenes = [scenes]
     return _Arrays.from_scenes(scenes).targets()
@@ -475,7 +478,7 @@ class _Arrays:
         return Scene(objects, background)
 
     def targets(self) -> Tensor:
-        """``[N, 9, 3]`` targets, as :func:`scene_targets`."""
+        """``[N, 9, 3]`` targets, as {func}`scene_targets`."""
         n = len(self)
         t = np.zeros((n, 9, 3), dtype=np.int64)
         rows, slots = np.nonzero(self.shape >= 0)
@@ -494,7 +497,7 @@ class _Arrays:
 
 
 class _SceneList(Sequence):
-    """The scene records of an :class:`_Arrays`, built when read (50 000 records cost seconds)."""
+    """The scene records of an {class}`_Arrays`, built when read (50 000 records cost seconds)."""
 
     def __init__(self, arrays: _Arrays) -> None:
         self._arrays = arrays
@@ -873,10 +876,10 @@ def caption(scene: Scene, style: str = "positional") -> str:
       circle at the top left", "a large blue square in the centre and a small green star on the
       right", "A, B and C".
     - ``"relational"``: two objects by their relation instead of their cells, "a small blue
-      square left of a large green triangle" (see :func:`relation`); with three objects the
+      square left of a large green triangle" (see {func}`relation`); with three objects the
       third is located, "A left of B and C at the bottom"; one object as in ``"positional"``.
 
-    :func:`parse_caption` reads either back.
+    {func}`parse_caption` reads either back.
     """
     _check_choice("caption style", style, CAPTION_STYLES)
     if not isinstance(scene, Scene):
@@ -941,11 +944,11 @@ def _words(text: str) -> list[str]:
 
 
 def parse_caption(text: str) -> CaptionSpec:
-    """Read a caption of the grammar in this module's docstring into a :class:`CaptionSpec`.
+    """Read a caption of the grammar in this module's docstring into a {class}`CaptionSpec`.
 
     Case and punctuation are ignored. Raises ``ValueError`` naming the caption and the
     problem: an unknown word, a missing shape, an attribute given twice, two objects in one
-    cell, or more than :data:`MAX_OBJECTS` objects.
+    cell, or more than {data}`MAX_OBJECTS` objects.
     """
     if not isinstance(text, str):
         raise ValueError(f"a caption must be a string; got {type(text).__name__}")
@@ -1064,7 +1067,10 @@ def _spec_cells(spec: CaptionSpec, u: float) -> tuple[int, ...]:
 def scene_from_caption(text: str, seed: int = 0, index: int = 0) -> Scene:
     r"""A scene that the caption describes: stated attributes, locations and relations as
     given; what it leaves open (sizes, colours, cells, jitter, background) drawn from
-    ``(seed, index)`` as :func:`sample_scenes` would."""
+    ``(seed, index)`` as {func}`sample_scenes` would. Of the $F$ cell assignments that satisfy the
+    caption's locations and relations (in the lexicographic order of the cell tuples), the one at
+    $\min(\lfloor uF \rfloor, F - 1)$ is taken, with $u \in [0, 1)$ drawn from ``(seed, index)``; $F = 0$
+    (a contradiction) is an error."""
     spec = parse_caption(text)
     seed = _check_seed(seed)
     index = _check_count("index", index, 0)
@@ -1096,10 +1102,10 @@ class ShapesDataset:
     r"""A batch of shapes scenes and everything derived from them (see the module docstring).
 
     ``images [N, 3, H, W]`` float32 in $[-1, 1]$; ``labels [N]`` int64, the first object's
-    shape index (:func:`class_label`); ``captions`` (list of str); ``scenes`` (a sequence of
-    :class:`Scene` records, built when read); ``targets [N, 9, 3]`` int64 (:func:`scene_targets`);
+    shape index ({func}`class_label`); ``captions`` (list of str); ``scenes`` (a sequence of
+    {class}`Scene` records, built when read); ``targets [N, 9, 3]`` int64 ({func}`scene_targets`);
     ``masks [N, 3, H, W]`` float32, object k's visible coverage (zero for absent objects);
-    ``edges [N, 1, H, W]`` float32; ``classes`` the label names (:data:`SHAPES`). ``masks`` and ``edges`` are ``None``
+    ``edges [N, 1, H, W]`` float32; ``classes`` the label names ({data}`SHAPES`). ``masks`` and ``edges`` are ``None``
     when the dataset was made with ``masks=False``.
     """
 
@@ -1125,7 +1131,9 @@ def _dataset(a: _Arrays, scenes: Sequence[Scene], captions: list[str], size: int
 def sample_scenes(
     n: int, seed: int = 0, *, start: int = 0, n_objects: int | tuple[int, int] = (1, MAX_OBJECTS)
 ) -> list[Scene]:
-    """The records of scenes ``start .. start + n - 1`` of ``seed`` (no rendering)."""
+    r"""The records of scenes ``start .. start + n - 1`` of ``seed`` (no rendering): scene $i$ is a
+    function of $(\text{seed}, i)$ and ``n_objects`` alone (the module docstring's determinism), so
+    ``sample_scenes(n, s, start=k)`` is a slice of any larger call."""
     n = _check_count("n", n, 1)
     start = _check_count("start", start, 0)
     a = _sample_arrays(_check_seed(seed), np.arange(start, start + n), _object_range(n_objects))
@@ -1145,7 +1153,7 @@ def make_shapes(
     r"""``n`` seeded shapes scenes (indices ``start .. start + n - 1`` of ``seed``), rendered.
 
     ``n_objects``: an exact count (1, 2 or 3) or an inclusive range ``(lo, hi)``, uniform over
-    the counts. ``caption_style``: ``"positional"``, ``"relational"`` (see :func:`caption`) or
+    the counts. ``caption_style``: ``"positional"``, ``"relational"`` (see {func}`caption`) or
     ``"mixed"``, each scene's style drawn from its own stream. ``masks=False`` skips the masks
     and edges (a 32x32 dataset then takes 12 KiB per image instead of 28 KiB).
 
@@ -1172,7 +1180,8 @@ def make_shapes(
 def shapes_from_scenes(
     scenes: Sequence[Scene], *, size: int = 32, caption_style: str = "positional", masks: bool = True
 ) -> ShapesDataset:
-    """A dataset of explicit scene records, captioned in ``caption_style``."""
+    r"""A dataset of explicit scene records, captioned in ``caption_style``, each rendered as in the
+    module docstring: $x = \big(1 - \sum_k m_k\big)\,b + \sum_k m_k c_k$ with the visible masks $m_k$."""
     size = _check_size(size)
     _check_choice("caption style", caption_style, CAPTION_STYLES)
     scenes = list(scenes)
@@ -1183,7 +1192,7 @@ def shapes_from_scenes(
 
 
 def shapes_from_captions(texts: Sequence[str], *, seed: int = 0, size: int = 32, masks: bool = True) -> ShapesDataset:
-    r"""Real images for prompts: scene $i$ is :func:`scene_from_caption` ``(texts[i], seed, i)``.
+    r"""Real images for prompts: scene $i$ is {func}`scene_from_caption` ``(texts[i], seed, i)``.
 
     ``captions`` are the given texts, so each row pairs a prompt with an image that satisfies it.
     """

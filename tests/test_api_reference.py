@@ -83,6 +83,8 @@ NO_FORMULA = {
     "stepdiff.classifiers.save_classifier": "input/output",
     "stepdiff.classifiers.load_classifier": "input/output",
     "stepdiff.models.layers.check_backend": "an argument check",
+    "stepdiff.shapes.caption": "words from the caption grammar",
+    "stepdiff.shapes.parse_caption": "parses the caption grammar",
 }
 #: Modules with no mathematics to state: the package's and subpackages' re-exports, the ledger of
 #: the book's checks, the tokenizer, data-set loaders, kernel-launch plumbing.
@@ -107,7 +109,6 @@ PENDING = {
     "stepdiff.kernels.attention_triton": "formulas",
     "stepdiff.kernels.fused_triton": "formulas",
     "stepdiff.kernels.norm_triton": "formulas",
-    "stepdiff.shapes": "formulas; RST roles",
 }
 MATH = re.compile(r"\$[^$\s][^$]*\$|\$\$.+?\$\$|```\{math\}", re.S)
 #: A docstring that was not a raw string: "\f", "\b", "\a", "\v" turned into control characters.
