@@ -481,8 +481,12 @@ def _head_dim_class(block_d: int) -> int:
 
 
 def configs_for(which: str, block_d: int) -> list[dict]:
-    """The autotuning candidates of kernel ``which`` (``"fwd"``, ``"dkdv"``, ``"dq"``) for tile
-    width ``block_d``, as dicts of ``BLOCK_M``, ``BLOCK_N``, ``num_warps``, ``num_stages``."""
+    r"""The autotuning candidates of kernel ``which`` (``"fwd"``, ``"dkdv"``, ``"dq"``) for tile
+    width ``block_d``, as dicts of ``BLOCK_M``, ``BLOCK_N``, ``num_warps``, ``num_stages``: each
+    candidate cuts $S = c\,QK^\top$ into tiles of $B_M$ query rows by $B_N$ key columns (``BLOCK_M``
+    by ``BLOCK_N``): a ``"fwd"`` or ``"dq"`` program holds $B_M$ queries and streams up to
+    $\lceil L_k/B_N\rceil$ key tiles past them, a ``"dkdv"`` program holds $B_N$ keys and streams up to
+    $\lceil L_q/B_M\rceil$ query tiles."""
     return [{"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": st}
             for m, n, w, st in TUNING[which][_head_dim_class(block_d)]]
 
