@@ -339,7 +339,10 @@ def noise_add_kernel(
 
 @triton.jit(do_not_specialize=["seed_ptr", "seed", "offset"])
 def philox_normal_kernel(out_ptr, seed_ptr, seed, offset, total, SEED_IN_MEMORY: tl.constexpr, BLOCK: tl.constexpr):
-    """The noise alone: ``total`` standard normals, as the two kernels above draw them."""
+    r"""The noise alone: ``total`` standard normals $z_0, \dots, z_{\mathrm{total}-1}$, as the two kernels
+    above draw them: $z_e$ is the $k$-th of the four Box-Muller normals of one Philox-4x32-10 call with
+    key seed and counter $32\lfloor e/128\rfloor + (e \bmod 32) + 2^{64}\,\mathrm{offset}$, where
+    $k = \lfloor e/32\rfloor \bmod 4$ (see the module docstring)."""
     pid = tl.program_id(0)
     start = pid.to(tl.int64) * BLOCK
     remaining = total - start
@@ -357,7 +360,9 @@ _DEFAULT_BLOCK = {torch.float32: 2048, torch.float16: 1024, torch.bfloat16: 1024
 
 
 def launch_config(total: int, dtype: torch.dtype, block: int | None = None, num_warps: int | None = None):
-    """``(BLOCK, num_warps)`` for ``total`` elements of ``dtype``.
+    r"""``(BLOCK, num_warps)`` for ``total`` elements of ``dtype``: by default
+    $\mathrm{BLOCK} = \min\big(B_0, \max(128, 2^{\lceil \log_2 \mathrm{total} \rceil})\big)$ with $B_0$ = 2048
+    (fp32) or 1024 (fp16/bf16), and $\mathrm{num\_warps} = \max(1, \min(4, \lfloor\mathrm{BLOCK}/512\rfloor))$.
 
     By default each thread handles 16 elements, a tile of 2048 (fp32, 4 warps) or 1024
     (fp16/bf16, 2 warps), and smaller tiles for small tensors. These are what an H100 measured
@@ -556,9 +561,10 @@ def affine_step_key(x, pred, c_x, c_pred, c_noise, noise, seed, offset, clamp, o
 
 
 def affine_step_plan(x, pred, c_x, c_pred, c_noise, noise, seed, offset, clamp, out, block, num_warps):
-    """Check an ``affine_step_triton`` call and build its plan: a function of the call's
+    r"""Check an ``affine_step_triton`` call and build its plan: a function of the call's
     arguments ``(x, pred, c_x, c_pred, c_noise, noise, seed, offset, clamp, out)`` that launches
-    the kernel and returns ``out``, valid for every call with the same key."""
+    the kernel, $x' = c_x x + c_{\rm pred}\,\mathrm{clamp}(p) + c_{\rm noise} z$ into ``out``, and returns
+    ``out``, valid for every call with the same key."""
     _check_device(x)
     _check_data("x", x, None)
     _check_data("pred", pred, x)
@@ -677,8 +683,9 @@ def noise_add_key(x0, a, s, c0, c1, noise, seed, offset, block, num_warps) -> tu
 
 
 def noise_add_plan(x0, a, s, c0, c1, noise, seed, offset, block, num_warps):
-    """Check a ``noise_add_triton`` call and build its plan (as `affine_step_plan`): a function
-    of ``(x0, a, s, c0, c1, noise, seed, offset)`` returning ``(x_t, target)``."""
+    r"""Check a ``noise_add_triton`` call and build its plan (as `affine_step_plan`): a function
+    of ``(x0, a, s, c0, c1, noise, seed, offset)`` returning ``(x_t, target)``, $x_t = a\,x_0 + s\,\varepsilon$
+    and $c_0 x_0 + c_1 \varepsilon$ (or $\varepsilon$ itself when ``c0`` and ``c1`` are ``None``)."""
     _check_device(x0)
     _check_data("x0", x0, None)
     total, batch, n = _shape(x0)
@@ -774,8 +781,9 @@ def philox_normal_triton(
     block: int | None = None,
     num_warps: int | None = None,
 ) -> Tensor:
-    """The in-kernel noise on its own: a tensor of ``shape`` of standard normals, equal to
-    the ``z`` the kernels above add for the same seed, offset and shape."""
+    r"""The in-kernel noise on its own: a tensor of ``shape`` of standard normals, equal to
+    the ``z`` the kernels above add for the same seed, offset and shape; element $e$ of the flattened
+    tensor is the $z_e$ of `philox_normal_kernel`, so it depends on $e$, the seed and the offset only."""
     out = torch.empty(shape, device=device, dtype=dtype)
     _check_device(out)
     _check_data("out", out, None)
