@@ -282,8 +282,9 @@ def _device(t: Tensor):
 
 def group_norm_silu_forward(x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None,
                             eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """``(y, mean, rstd)``: y = silu(group_norm(x)) shaped and strided like ``x``; ``mean`` and
-    ``rstd`` are float32 ``[N, G]``. Inputs are assumed checked by the caller."""
+    r"""``(y, mean, rstd)``: $y = z\,\mathrm{sigmoid}(z)$ with $z = w_c (x - \mu) r + b_c$, shaped and strided
+    like ``x``; ``mean`` $\mu$ and ``rstd`` $r = (\sigma^2 + \epsilon)^{-1/2}$ (biased variance over each
+    group's $(C/G)S$ values) are float32 ``[N, G]``. Inputs are assumed checked by the caller."""
     y = _like(x)
     x3, y3 = _flat(x), _flat(y)
     N, C, S = x3.shape
@@ -304,7 +305,10 @@ def group_norm_silu_forward(x: Tensor, num_groups: int, weight: Tensor | None, b
 
 def group_norm_silu_backward(dy: Tensor, x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None,
                              mean: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """``(dx, dweight, dbias)`` (``None`` where the parameter is ``None``)."""
+    r"""``(dx, dweight, dbias)`` (``None`` where the parameter is ``None``): with $\delta =
+    dy\,\mathrm{sigmoid}(z)\big(1 + z(1 - \mathrm{sigmoid}(z))\big)$ and $d\hat x = \delta w_c$,
+    $dx = r\,(d\hat x - \overline{d\hat x} - \hat x\,\overline{d\hat x\,\hat x})$ (means over the group),
+    $dw_c = \sum_{n,s} \delta\,\hat x$ and $db_c = \sum_{n,s} \delta$."""
     dx = _like(x)
     x3, dy3, dx3 = _flat(x), _flat(dy), _flat(dx)
     N, C, S = x3.shape
@@ -334,8 +338,9 @@ def _adaln_rows(D: int) -> tuple[int, int]:
 
 
 def adaln_forward(x: Tensor, shift: Tensor, scale: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """``(y, mean, rstd)`` for ``x [B, L, D]`` (feature dim contiguous), ``shift, scale [B, D]``
-    (feature dim contiguous); ``mean``, ``rstd`` float32 ``[B, L]``."""
+    r"""``(y, mean, rstd)`` for ``x [B, L, D]`` (feature dim contiguous), ``shift, scale [B, D]``
+    (feature dim contiguous): $y = \hat x\,(1 + s_b) + h_b$ with $\hat x = (x - \mu)\,r$ the LayerNorm of
+    each token, $r = (\sigma^2 + \epsilon)^{-1/2}$; ``mean`` $\mu$, ``rstd`` $r$ float32 ``[B, L]``."""
     B, L, D = x.shape
     y = torch.empty_like(x)
     mean = torch.empty((B, L), device=x.device, dtype=torch.float32)
@@ -354,7 +359,9 @@ def adaln_forward(x: Tensor, shift: Tensor, scale: Tensor, eps: float) -> tuple[
 
 
 def adaln_backward(dy: Tensor, x: Tensor, scale: Tensor, mean: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``(dx, dshift, dscale)``; ``dy`` with a contiguous feature dim."""
+    r"""``(dx, dshift, dscale)``; ``dy`` with a contiguous feature dim: $d\hat x = dy\,(1 + s_b)$,
+    $dx = r\,(d\hat x - \overline{d\hat x} - \hat x\,\overline{d\hat x\,\hat x})$ (means over $D$),
+    $dh_b = \sum_l dy$ and $ds_b = \sum_l dy\,\hat x$ (sums over the sample's tokens)."""
     B, L, D = x.shape
     dx = torch.empty_like(x)
     rows, block_d = _adaln_rows(D)
