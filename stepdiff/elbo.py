@@ -143,7 +143,7 @@ def diffusion_elbo(
 
     - ``prior`` $= \tfrac12\,\mathrm{SNR}(t_{\max})\,\|x_0\|^2$
       ($\mathrm{KL}(\mathcal N(\alpha x_0, \sigma^2 I)\,\|\,\mathcal N(0, \sigma^2 I))$ at $t_{\max}$);
-    - ``diffusion``: {func}`diffusion_term` with ``n_lambda`` draws;
+    - ``diffusion``: {func}`stepdiff.elbo.diffusion_term` with ``n_lambda`` draws;
     - ``reconstruction`` $= \log p(x_0\mid x_{t_{\min}})$, the discretised Gaussian of mean
       $\hat x_0(x_{t_{\min}})$ and standard deviation $\sigma(t_{\min})/\alpha(t_{\min})$, one draw.
     """
