@@ -8,9 +8,10 @@ grid, posterior variance and guidance, measured once and stored for chapters II.
     python benchmarks/sweep_digits_unet.py --merge A.json B.json  # ... merged into the results file
     python benchmarks/sweep_digits_unet.py --quick --out /tmp/s.json --model CKPT   # a smoke run
 
-Why stored: one call of ``digits-unet`` costs about 3.6 CPU milliseconds per image (one thread),
-and the sweep makes about 2,100 calls per image for 100 images: about 12 CPU minutes, far beyond
-a chapter's budget. The chapters read the file (installed with the package, beside the weights),
+Why stored: one call of ``digits-unet`` costs about 3 CPU milliseconds per image (one thread),
+and the sweep makes about 2,100 calls per image for 100 images: 590 CPU seconds as measured (the
+1000-step reference alone 289), far beyond a chapter's budget. The chapters read the file
+(installed with the package, beside the weights),
 plot it, and re-measure small pieces live.
 
 **The task.** ``N`` = 100 images, 10 of each class, asked of the class-conditional model
@@ -242,7 +243,10 @@ def main(argv: list[str] | None = None) -> None:
     specs = plan(args.parts)
     if args.quick:
         specs = [s for s in specs if s["budget"] <= 10][:12]
-    command = "python benchmarks/sweep_digits_unet.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    # Absolute paths (a scratch --out, a checkpoint) are recorded by name only: the file is committed.
+    given = argv if argv is not None else sys.argv[1:]
+    shown = [Path(a).name if os.path.isabs(a) else a for a in given]
+    command = "python benchmarks/sweep_digits_unet.py " + " ".join(shown)
     records = list(done.values())
     order = {key(s): i for i, s in enumerate(plan(list(PARTS)))}
     cpu_before = old.get("cpu_seconds", 0.0) if same else 0.0
