@@ -11,8 +11,7 @@ grid, posterior variance and guidance, measured once and stored for chapters II.
 Why stored: one call of ``digits-unet`` costs about 3 CPU milliseconds per image (one thread),
 and the sweep makes about 2,100 calls per image for 100 images: 590 CPU seconds as measured (the
 1000-step reference alone 289), far beyond a chapter's budget. The chapters read the file
-(installed with the package, beside the weights),
-plot it, and re-measure small pieces live.
+(installed with the package, beside the weights), plot it, and re-measure small pieces live.
 
 **The task.** ``N`` = 100 images, 10 of each class, asked of the class-conditional model
 (``labels = arange(N) % 10``); every run starts from the same noise $x_{t_0} = \sigma(t_0)z$,
