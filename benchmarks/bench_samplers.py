@@ -29,10 +29,11 @@ Heun takes $n$ steps with $2n - 1$ calls (its last step is Euler), midpoint $2n$
 they cannot meet exactly gets the largest count below it, and each record says what ran. A
 1000-step reference runs DDPM and DDIM on every level and DPM-Solver++(3M) on the log-SNR grid.
 
-Writes ``benchmarks/results/samplers_exact_denoiser.json`` (atomically): the command, date,
-versions, the task, seeds and sample counts, the floor, one record per (schedule, solver,
-grid, budget), and the best solver and grid per budget with its ratio to the floor; prints
-a compact table of the best per budget and the table of every solver at its best grid.
+Writes ``stepdiff/results/samplers_exact_denoiser.json`` (atomically; package data, installed
+with stepdiff, so chapter II.6 reads it from any install): the command, date, versions, the
+task, seeds and sample counts, the floor, one record per (schedule, solver, grid, budget), and
+the best solver and grid per budget with its ratio to the floor; prints a compact table of the
+best per budget and the table of every solver at its best grid.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ from stepdiff.metrics import sliced_wasserstein  # noqa: E402
 from stepdiff.samplers import SAMPLERS, model_calls, steps_for_nfe  # noqa: E402
 from stepdiff.schedules import DiscreteVPSchedule, Schedule, time_grid  # noqa: E402
 
-RESULTS = ROOT / "benchmarks" / "results" / "samplers_exact_denoiser.json"
+RESULTS = ROOT / "stepdiff" / "results" / "samplers_exact_denoiser.json"  # package data: chapter II.6 reads it
 f64 = torch.float64
 N_SAMPLES = 20_000
 N_PROJECTIONS = 64

@@ -1033,7 +1033,7 @@ def sample(name_or_model: str | Model, *args, nfe: int | None = None, t_max: flo
     on the cosine schedule, on the exact-denoiser benchmark (``benchmarks/bench_samplers.py``: a
     2-D mixture of five unequal Gaussians, 20,000 samples, sliced Wasserstein distance to fresh
     target samples; every solver here on every grid of {func}`~stepdiff.schedules.time_grid`).
-    The numbers are in ``benchmarks/results/samplers_exact_denoiser.json``.
+    The numbers are in ``stepdiff/results/samplers_exact_denoiser.json`` (installed with the package).
     """
     if isinstance(name_or_model, str):
         name, rest = name_or_model, args
