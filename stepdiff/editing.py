@@ -50,6 +50,7 @@ from .schedules import Schedule, time_grid
 
 __all__ = [
     "sdedit",
+    "blocky_sketch",
     "check_strength",
     "check_mask",
     "repaint_levels",
@@ -193,6 +194,28 @@ def sdedit(
     if "generator" not in sampler_kwargs and "generator" in inspect.signature(fn).parameters:
         sampler_kwargs["generator"] = g
     return fn(model, x_s, schedule, ts, prediction=prediction, **sampler_kwargs)
+
+
+def blocky_sketch(images: Tensor, factor: int = 2, threshold: float = 0.0) -> Tensor:
+    r"""A crude, blocky two-tone sketch of images ``[B, C, H, W]`` in $[-1, 1]$: an input for SDEdit.
+
+    Each $f\times f$ block (``factor``) is averaged, set to $+1$ where the average exceeds $\tau$
+    (``threshold``) and to $-1$ elsewhere, and blown back up by repetition:
+    $\tilde x = \mathrm{up}_f\big(2\cdot\mathbb 1[\mathrm{avg}_f(x) > \tau] - 1\big)$. The result keeps
+    the layout of the image (a digit stays legible) but has none of its texture: hard edges, two
+    grey levels, steps of $f$ pixels. ``H`` and ``W`` must be multiples of ``factor``.
+    """
+    _check_batch(images, "images")
+    if images.ndim != 4:
+        raise ValueError(f"images must be [B, C, H, W]; got shape {tuple(images.shape)}")
+    if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
+        raise ValueError(f"factor must be a positive integer; got {factor!r}")
+    H, W = images.shape[2:]
+    if H % factor or W % factor:
+        raise ValueError(f"factor must divide the image size {H}x{W}; got factor = {factor}")
+    avg = torch.nn.functional.avg_pool2d(images, factor)
+    two_tone = torch.where(avg > threshold, 1.0, -1.0).to(images.dtype)
+    return two_tone.repeat_interleave(factor, 2).repeat_interleave(factor, 3)
 
 
 # --- inpainting: replacement and RePaint ------------------------------------------------------

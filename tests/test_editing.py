@@ -14,6 +14,7 @@ from scipy import stats
 from stepdiff.denoisers import GaussianMixture, exact_denoiser, gaussian
 from stepdiff.editing import (
     MaskedInputDenoiser,
+    blocky_sketch,
     check_mask,
     inpaint,
     inpaint_with_model,
@@ -380,3 +381,24 @@ def test_inpaint_kind_trains_through_the_command(tmp_path):
     assert torch.equal(out[mask.expand_as(x)], x[mask.expand_as(x)])
     with pytest.raises(ConfigError, match="inpaint"):
         resolve({"kind": "inpaint", "data": {"name": "shapes", "condition": "text"}})
+
+
+def test_blocky_sketch_is_the_thresholded_block_average():
+    """Against a loop over the blocks on an odd-sized batch: two tones, constant on f x f blocks."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(3, 2, 9, 15, generator=g, dtype=f64) * 2 - 1
+    out = blocky_sketch(x, 3, threshold=0.1)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    for i in range(3):
+        for j in range(5):
+            block = x[:, :, 3 * i: 3 * i + 3, 3 * j: 3 * j + 3]
+            want = torch.where(block.mean((2, 3)) > 0.1, 1.0, -1.0).to(f64)
+            assert torch.equal(out[:, :, 3 * i: 3 * i + 3, 3 * j: 3 * j + 3], want[:, :, None, None].expand_as(block))
+    assert torch.equal(blocky_sketch(out, 3, threshold=0.1), out)  # a sketch is its own sketch
+    assert torch.equal(blocky_sketch(x, 1), torch.where(x > 0, 1.0, -1.0).to(f64))
+    with pytest.raises(ValueError, match="factor must divide"):
+        blocky_sketch(x, 2)
+    with pytest.raises(ValueError, match="factor"):
+        blocky_sketch(x, 0)
+    with pytest.raises(ValueError, match="images"):
+        blocky_sketch(x[0], 3)
