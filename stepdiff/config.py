@@ -72,6 +72,7 @@ __all__ = [
     "set_value",
     "TrainingData",
     "build_data",
+    "balanced_subset",
     "held_out_data",
     "build_model",
     "build_objective",
@@ -118,6 +119,9 @@ _DATA = {
     # diffusion: a trained autoencoder (a committed model's name or a checkpoint): the run trains and
     # samples in its scaled latents (latent diffusion), and sampled latents are decoded to images
     "latent": "",
+    # digits: train on only this many of the training digits, taken class by class in turn (0: all);
+    # small sets show memorisation (chapter II.12)
+    "subset": 0,
 }
 _MODEL_DIFFUSION = {"arch": "unet", "preset": "tiny", "text": {}}
 # clip: a trained CLIP (a committed model's name or a checkpoint) whose text tower, frozen, encodes the
@@ -355,6 +359,10 @@ def resolve(raw: dict, *, source: str = "the configuration") -> dict:
     data["n_objects"] = list(lo_hi)
     if data["latent"] and kind != "diffusion":
         raise ConfigError(f"[data] latent (latent diffusion) is for kind 'diffusion', not {kind!r}")
+    if data["subset"] and data["name"] != "digits":
+        raise ConfigError(f"[data] subset cuts the digits' training set; got [data] name = {data['name']!r}")
+    if data["subset"] < 0:
+        raise ConfigError(f"[data] subset must be 0 (all) or a positive number of digits; got {data['subset']!r}")
 
     if kind in ("diffusion", "inpaint"):
         _resolve_diffusion(cfg)
@@ -552,7 +560,9 @@ def _shapes_size(data: dict) -> int:
 def build_data(cfg: dict) -> TrainingData:
     """The training data of a configuration (its ``[data]`` table), labelled as ``condition`` asks.
 
-    - ``digits``: the 1497 training digits of {func}`stepdiff.image_data.load_digits` at ``size``;
+    - ``digits``: the 1497 training digits of {func}`stepdiff.image_data.load_digits` at ``size``,
+      or, with ``subset`` $= n > 0$, the first $n$ of them taken class by class in turn
+      ({func}`balanced_subset`);
     - ``shapes``: ``n`` scenes of {func}`stepdiff.shapes.make_shapes` (seed 0; a classifier run uses
       {data}`stepdiff.classifiers.SHAPES_TRAIN_SEED`), class labels the first object's shape,
       text labels the captions tokenized by {class}`stepdiff.text.Tokenizer`;
@@ -566,6 +576,11 @@ def build_data(cfg: dict) -> TrainingData:
     if name == "digits":
         s = image_data.load_digits("train", size=_digits_size(data))
         images, labels, classes = s.images, s.labels, s.classes
+        if data["subset"]:
+            if data["subset"] > len(labels):
+                raise ConfigError(f"[data] subset = {data['subset']} but there are only {len(labels)} training digits")
+            keep = balanced_subset(labels, data["subset"])
+            images, labels = images[keep], labels[keep]
     elif name == "shapes":
         from .classifiers import SHAPES_TRAIN_SEED
         from .shapes import make_shapes
@@ -591,6 +606,25 @@ def build_data(cfg: dict) -> TrainingData:
     if condition == "none" and cfg["kind"] != "classifier":
         labels = None
     return TrainingData(images, labels, list(classes), captions, targets)
+
+
+def balanced_subset(labels: Tensor, n: int) -> Tensor:
+    r"""Indices of ``n`` rows of a labelled set, as even across the classes as the set allows.
+
+    Each row gets its rank $r$ within its class (in the set's order) and the rows are taken in the
+    order of $(r, \text{class})$: one of each class, then a second of each, and so on, so that
+    $n = 10k$ digits hold $k$ of each digit. Returned sorted (the set's order); ``n`` between 1 and
+    the number of rows.
+    """
+    labels = torch.as_tensor(labels)
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= labels.shape[0]:
+        raise ValueError(f"n must be an integer in [1, {labels.shape[0]}]; got {n!r}")
+    rank = torch.empty_like(labels)
+    for c in labels.unique():
+        members = (labels == c).nonzero().flatten()
+        rank[members] = torch.arange(members.numel())
+    order = sorted(range(labels.shape[0]), key=lambda i: (int(rank[i]), int(labels[i])))
+    return torch.tensor(sorted(order[:n]), dtype=torch.long)
 
 
 def held_out_data(cfg: dict) -> TrainingData:
