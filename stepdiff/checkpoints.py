@@ -42,6 +42,7 @@ __all__ = [
     "device_description",
     "provenance",
     "read_checkpoint",
+    "portable_command",
     "record_of",
     "load",
     "add_metrics",
@@ -283,6 +284,27 @@ def add_metrics(path: str | Path, metrics: dict) -> Path:
     return _atomic(Path(path), lambda f: torch.save(found, f))
 
 
+def portable_command(argv: list[str]) -> list[str]:
+    """The recorded command line with its ``--out`` path reduced to the file name: the folder was the
+    training machine's and means nothing elsewhere, while the file name still replays the run.
+
+    >>> portable_command(["stepdiff", "train", "--config", "digits-unet", "--out", "/tmp/runs/d.pt"])
+    ['stepdiff', 'train', '--config', 'digits-unet', '--out', 'd.pt']
+    >>> portable_command(["stepdiff", "train", "--out=runs/d.pt"])
+    ['stepdiff', 'train', '--out=d.pt']
+    """
+    out, after_flag = [], False
+    for arg in argv:
+        if after_flag:
+            arg, after_flag = Path(arg).name, False
+        elif arg == "--out":
+            after_flag = True
+        elif arg.startswith("--out="):
+            arg = "--out=" + Path(arg[len("--out="):]).name
+        out.append(arg)
+    return out
+
+
 def export(checkpoint: str | Path, directory: str | Path, name: str | None = None, *,
            dtype: str = "float16") -> tuple[Path, Path]:
     """Write a checkpoint's EMA weights (a classifier's weights) as ``<directory>/<name>.pt`` in
@@ -306,6 +328,8 @@ def export(checkpoint: str | Path, directory: str | Path, name: str | None = Non
     directory = Path(directory)
     weights_path = _atomic(directory / f"{name}.pt", lambda f: torch.save(weights, f))
     record["name"] = name
+    if record.get("command"):
+        record["command"] = portable_command(record["command"])
     record["weights"] = {
         "file": weights_path.name,
         "dtype": dtype,

@@ -204,3 +204,15 @@ def test_provenance_of_a_git_checkout_names_the_commit():
     assert set(git) == {"commit", "dirty"}
     if git["commit"] is not None:
         assert len(git["commit"]) == 40 and isinstance(git["dirty"], bool)
+
+
+def test_export_keeps_no_folder_of_the_training_machine_in_the_command(run, tmp_path):
+    path, _ = run
+    state = ckpt.read_checkpoint(path)
+    where = tmp_path / "deep" / "runs" / "tiny.pt"
+    state["metadata"]["command"] = ["train", "--config", "digits-unet", "--out", str(where), "--set", "train.steps=3"]
+    torch.save(state, tmp_path / "with_out.pt")
+    _, record_path = ckpt.export(tmp_path / "with_out.pt", tmp_path / "w", "tiny")
+    command = json.loads(record_path.read_text())["command"]
+    assert command == ["train", "--config", "digits-unet", "--out", "tiny.pt", "--set", "train.steps=3"]
+    assert str(tmp_path) not in record_path.read_text()
