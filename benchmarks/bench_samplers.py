@@ -40,12 +40,9 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import math
-import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -54,6 +51,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from stepdiff.checkpoints import write_json  # noqa: E402
 from stepdiff.denoisers import GaussianMixture, exact_denoiser  # noqa: E402
 from stepdiff.metrics import sliced_wasserstein  # noqa: E402
 from stepdiff.samplers import SAMPLERS, model_calls, steps_for_nfe  # noqa: E402
@@ -248,15 +246,6 @@ def print_tables(records: list[dict], floor: float, floor_sem: float) -> None:
             print(f"reference: {r['solver']} on {r['grid']}, {r['nfe']} calls: ratio {r['ratio']:.2f}")
 
 
-def write_atomically(data: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="NFE 5 and 10, 2 seeds, no results file")
@@ -280,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
     def save(records: list[dict]) -> None:
         if args.quick or args.no_write:
             return
-        write_atomically(results_file(args, task, command, records, time.process_time() - started), args.out)
+        write_json(args.out, results_file(args, task, command, records, time.process_time() - started))
 
     records = sweep(task, args.schedules, args.solvers, args.grids, args.nfe, not args.no_reference, save=save)
     print_tables(records, floor, floor_sem)

@@ -59,7 +59,6 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -69,6 +68,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from stepdiff import checkpoints  # noqa: E402
+from stepdiff.checkpoints import write_json  # noqa: E402
 from stepdiff.config import build_data, build_objective, held_out_data, resolve  # noqa: E402
 from stepdiff.evaluation import (  # noqa: E402
     class_accuracy,
@@ -191,15 +191,6 @@ class Task:
                 "cpu_s": round(cpu, 2)}
 
 
-def write_atomically(data: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def merge(paths: list[Path], out: Path) -> None:
     """One results file from several of the same model, classifier and task (their records united)."""
     files = [json.loads(p.read_text()) for p in paths]
@@ -210,10 +201,10 @@ def merge(paths: list[Path], out: Path) -> None:
                 raise ValueError(f"{p}: its {field} differs from {paths[0]}'s; only runs of one task merge")
     order = {key(s): i for i, s in enumerate(plan(list(PARTS)))}
     records = {spec_key(r): r for f in files for r in f["records"]}
-    write_atomically({**first, "command": " & ".join(f["command"] for f in files) + " (run at once), merged by "
+    write_json(out, {**first, "command": " & ".join(f["command"] for f in files) + " (run at once), merged by "
                       + "python benchmarks/sweep_digits_unet.py --merge " + " ".join(p.name for p in paths),
                       "cpu_seconds": round(sum(f["cpu_seconds"] for f in files), 1),
-                      "records": sorted(records.values(), key=lambda r: order.get(spec_key(r), len(order)))}, out)
+                      "records": sorted(records.values(), key=lambda r: order.get(spec_key(r), len(order)))})
     print(f"merged {len(records)} records of {len(paths)} files into {out}")
 
 
@@ -252,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
     started = time.process_time()
 
     def save() -> None:
-        write_atomically({
+        write_json(args.out, {
             "command": command.strip(),
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "versions": {"python": platform.python_version(), "torch": torch.__version__},
@@ -270,7 +261,7 @@ def main(argv: list[str] | None = None) -> None:
             "floor": task.floor.as_dict(),
             "real_pixels": task.real_pixels,
             "records": sorted(records, key=lambda r: order.get(spec_key(r), len(order))),
-        }, args.out)
+        })
 
     todo = [s for s in specs if key(s) not in done]
     print(f"{len(specs)} runs planned, {len(specs) - len(todo)} already in {args.out}; floor {task.floor.value:.3f}")

@@ -4,6 +4,7 @@ Without a CUDA device the Triton kernels run in Triton's interpreter, which must
 before any kernel module is imported; tests under tests/gpu/ are skipped there.
 """
 
+import contextlib
 import os
 
 import torch
@@ -22,3 +23,31 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.gpu)
             if not HAS_CUDA:
                 item.add_marker(skip_gpu)
+
+
+@contextlib.contextmanager
+def threads_kept(n: int | None = None):
+    """Run a block with ``n`` torch threads (or as many as now) and give the old count back after:
+    training runs set their own thread count, and small tensors are fastest on one thread on a
+    shared CPU (extra intra-op threads mostly spin-wait for each other)."""
+    before = torch.get_num_threads()
+    try:
+        if n is not None:
+            torch.set_num_threads(n)
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for a test (``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    with threads_kept(1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def one_thread_per_module():
+    """One torch thread for a whole module, its module-scoped fixtures included."""
+    with threads_kept(1):
+        yield

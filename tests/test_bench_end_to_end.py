@@ -8,7 +8,7 @@ import importlib.util
 import json
 from pathlib import Path
 
-import torch
+from conftest import threads_kept
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,11 +22,8 @@ def _load():
 
 def test_smoke_run(tmp_path, capsys):
     bench = _load()
-    threads = torch.get_num_threads()
-    try:
+    with threads_kept():
         assert bench.main(["--smoke", "--out", str(tmp_path / "results.json")]) == 0
-    finally:
-        torch.set_num_threads(threads)
     out = capsys.readouterr().out
     records = json.loads((tmp_path / "results.json").read_text())["records"]
     got = {(r["kernel"], r["impl"]) for r in records}

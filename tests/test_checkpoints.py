@@ -19,12 +19,7 @@ DIGITS = ["data.name=digits", "data.size=8", "data.condition=class", "train.batc
           "train.label_dropout=0.2", "train.steps=6", *TINY]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 @pytest.fixture(scope="module")

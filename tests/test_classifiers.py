@@ -18,14 +18,7 @@ from stepdiff.classifiers import (
 )
 from stepdiff.evaluation import class_accuracy, extract_features
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # These networks are small: on a shared CPU extra intra-op threads mostly wait on each other.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("cls", [DigitsCNN, DigitsMLP])

@@ -27,12 +27,7 @@ CLASSIFIER = ["--kind", "classifier", "--data", "digits", "--size", "8", "--arch
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 def command(*args, cwd):

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import threads_kept
 
 from stepdiff import checkpoints as ckpt
 from stepdiff.runs import train_run
@@ -46,12 +47,9 @@ def torchrun(*args, cwd) -> str:
 def runs(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ddp")
     out = torchrun(*ARGS, "--micro-batches", "2", "--out", "ddp.pt", cwd=folder)
-    threads = torch.get_num_threads()
-    try:
+    with threads_kept():  # a training run sets its own thread count
         single = train_run(None, folder / "one.pt", overrides=[*OVERRIDES, "train.micro_batches=2"])
         plain = train_run(None, folder / "plain.pt", overrides=OVERRIDES)
-    finally:
-        torch.set_num_threads(threads)
     return folder, out, single, plain
 
 

@@ -22,12 +22,7 @@ f64 = torch.float64
 LEVELS = 17
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 def grid_images(B, shape, levels, seed):

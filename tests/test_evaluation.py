@@ -23,13 +23,7 @@ from stepdiff.evaluation import (
 f64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Small tensors: on a shared CPU extra intra-op threads mostly wait on each other.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_rotation(d, g):

@@ -21,12 +21,7 @@ UNET = dict(channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_levels=(1,),
 DIT = dict(hidden=16, depth=2, heads=2, patch_size=2, freq_dim=32, n_classes=3)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _perturbed(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

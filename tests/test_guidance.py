@@ -107,15 +107,6 @@ def _class_mass(samples, model, k):
     return float(weights[model.component_class == k].sum())
 
 
-@pytest.fixture
-def one_thread():
-    # The 2-D tensors here are tiny: extra intra-op threads only contend with other processes.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_large_guidance_concentrates_on_the_class_components(one_thread):
     """Sampling class 0 of overlapping blobs: the mass nearest class 0's components grows with w.
 

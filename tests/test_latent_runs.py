@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from conftest import threads_kept
 
 from stepdiff import checkpoints as ckpt
 from stepdiff.config import ConfigError, resolve
@@ -18,11 +19,8 @@ FAST = ["train.batch_size=8", "train.threads=1", "train.lr=3e-3"]
 
 
 def _train(path, overrides):
-    threads = torch.get_num_threads()
-    try:
+    with threads_kept():  # a training run sets its own thread count
         return train_run(None, path, overrides=overrides)
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

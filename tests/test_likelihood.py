@@ -18,14 +18,7 @@ from stepdiff.schedules import FlowMatchingSchedule, VESchedule, VPLinearSchedul
 f64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Run this module on one thread: its tensors are tiny, and a single thread does not
-    spin-wait for a partner when other jobs share the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 GAUSS = gaussian(torch.tensor([0.7, -1.2], dtype=f64), torch.tensor([[0.5, 0.2], [0.2, 0.3]], dtype=f64))

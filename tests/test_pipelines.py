@@ -25,13 +25,7 @@ TOK = Tokenizer()
 PROMPTS = ["a red circle", "a large blue square at the top left and a small white star on the right"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one intra-op thread avoids the workers' synchronisation on a loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def unet_config(in_channels: int = 4) -> UNetConfig:

@@ -22,7 +22,7 @@ import os
 import warnings
 
 import pytest
-import torch
+from conftest import threads_kept
 
 from stepdiff import checkpoints as ckpt
 from stepdiff import pretrained
@@ -110,12 +110,9 @@ TINY = ["data.name=digits", "data.size=8", "data.condition=class", "train.batch_
 @pytest.fixture(scope="module")
 def scratch_weights(tmp_path_factory):
     folder = tmp_path_factory.mktemp("weights")
-    threads = torch.get_num_threads()
-    try:
+    with threads_kept():  # a training run sets its own thread count
         argv = ["train", "--out", "run.pt", *[f"--set={o}" for o in TINY]]
         run = train_run(None, folder / "run.pt", overrides=TINY, argv=argv)
-    finally:
-        torch.set_num_threads(threads)
     ckpt.add_metrics(run.path, {"note": "not evaluated: a test model"})
     export_run(run.path, folder / "w", "tiny-digits")
     return folder / "w"

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import threads_kept
 
 from stepdiff import shapes as S
 
@@ -126,12 +127,8 @@ def test_a_scene_does_not_depend_on_its_batch(ds, monkeypatch):
     assert torch.equal(single.images[0], ds.images[150])
     # Chunking inside the renderer and the number of threads change nothing either.
     monkeypatch.setattr(S, "_CHUNK", 13)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
+    with threads_kept(1):
         chunked = S.make_shapes(160, seed=7)
-    finally:
-        torch.set_num_threads(threads)
     assert torch.equal(chunked.images, ds.images) and torch.equal(chunked.edges, ds.edges)
 
 

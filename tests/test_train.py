@@ -38,14 +38,7 @@ from stepdiff.train import (
 f64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Run this module on one thread: its small networks are as fast on one as on two, and a
-    single thread does not spin-wait for a partner when other jobs share the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 def seeded_mlp(seed=0, **config):
