@@ -4,6 +4,9 @@ of inpainting, and how well a ControlNet follows its control mask.
     python benchmarks/eval_editing.py                         # every part; writes the results file
     python benchmarks/eval_editing.py --parts masked controlnet   # some parts (the others are kept)
     python benchmarks/eval_editing.py --quick --out /tmp/e.json   # a smoke run (few images)
+    python benchmarks/eval_editing.py --parts sdedit --out A.json &    # two processes at once ...
+    python benchmarks/eval_editing.py --parts inpaint masked controlnet --out B.json
+    python benchmarks/eval_editing.py --merge A.json B.json           # ... merged into the results file
 
 Why stored: one call of the 16x16 digits UNet costs about 3 CPU milliseconds per image (one
 thread), one guided call of the 32x32 shapes ControlNet about 27; the parts below make about
@@ -245,7 +248,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--quick", action="store_true", help="a smoke run on a few images")
+    parser.add_argument("--merge", nargs="+", type=Path, help="merge the parts of these results files into --out")
     args = parser.parse_args(argv)
+    if args.merge:
+        import json
+
+        merged = json.loads(args.out.read_text()) if args.out.is_file() else {"weights": {}, "parts": {}}
+        for path in args.merge:
+            other = json.loads(path.read_text())
+            merged.update({k: v for k, v in other.items() if k not in ("weights", "parts")})
+            merged.setdefault("weights", {}).update(other.get("weights", {}))
+            merged.setdefault("parts", {}).update(other.get("parts", {}))
+        merged["command"] = "; ".join(sorted({p["run_command"] for p in merged["parts"].values()}))
+        write_json(args.out, merged)
+        return
     torch.set_num_threads(1)
     torch.manual_seed(0)
     results = {}
