@@ -147,3 +147,11 @@ def test_the_intro_says_which_chapters_are_written():
             f"{'does not list' if status == 'written' else 'lists'} it"
         )
     assert listed <= {(roman[p], int(n)) for p, n, _ in rows}, "a chapter in _toc.yml is missing from the intro's map"
+
+
+def test_references_bib_parses_entry_by_entry():
+    """The bibliography is read by a BibTeX parser as the build reads it (an unclosed entry swallows the
+    next ones, or stops the build), and every ``@type{key,`` the regex above finds is an entry."""
+    database = pytest.importorskip("pybtex.database")
+    entries = database.parse_file(str(ROOT / "book" / "references.bib")).entries
+    assert set(entries) == BIB_KEYS
