@@ -288,7 +288,7 @@ def portable_command(argv: list[str]) -> list[str]:
     """The recorded command line with its ``--out`` path reduced to the file name: the folder was the
     training machine's and means nothing elsewhere, while the file name still replays the run.
 
-    >>> portable_command(["stepdiff", "train", "--config", "digits-unet", "--out", "/tmp/runs/d.pt"])
+    >>> portable_command(["stepdiff", "train", "--config", "digits-unet", "--out", "../runs/2026/d.pt"])
     ['stepdiff', 'train', '--config', 'digits-unet', '--out', 'd.pt']
     >>> portable_command(["stepdiff", "train", "--out=runs/d.pt"])
     ['stepdiff', 'train', '--out=d.pt']
