@@ -209,6 +209,12 @@ class ControlNet(nn.Module):
                 c = c.repeat(x.shape[0] // c.shape[0], 1, 1, 1)
             return self(x, t, *args, control=c, **kwargs, **more)
 
+        # What a guidance wrapper reads off the model it wraps (the null condition, the padding id),
+        # so that ClassifierFreeGuidance(controlnet.bind(control), w, y=...) needs no more than the base would.
+        for name in ("null_class", "null_ids", "pad_id"):
+            value = getattr(self, name, None)
+            if value is not None:
+                setattr(bound, name, value)
         return bound
 
 
@@ -248,6 +254,15 @@ class TextControlNet(nn.Module):
     @property
     def null_class(self) -> int:
         return self.text.null_class
+
+    @property
+    def null_ids(self) -> Tensor:
+        """The base's "no caption" token row, the unconditional branch of classifier-free guidance."""
+        return self.text.null_ids
+
+    @property
+    def pad_id(self) -> int:
+        return self.text.pad_id
 
     @property
     def config(self) -> ControlNetConfig:
