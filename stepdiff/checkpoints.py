@@ -150,16 +150,55 @@ def record_of(state: dict) -> dict:
     return record
 
 
+def frozen_base_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """The state-dict prefixes of a model's frozen base, for a model built on a committed one (a
+    ControlNet: ``base.``; on a text model: ``text.`` and ``controlnet.base.``); ``()`` otherwise."""
+    from .models.controlnet import ControlNet, TextControlNet
+
+    if isinstance(model, TextControlNet):
+        return ("text.", "controlnet.base.")
+    if isinstance(model, ControlNet):
+        return ("base.",)
+    return ()
+
+
+def tensors_sha256(tensors: dict) -> str:
+    """The SHA-256 of named tensors (names sorted; each name, dtype, shape and raw bytes), so two
+    sets of weights are equal bit for bit exactly when their digests are."""
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].detach().contiguous().cpu()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def _rebuild(record: dict, weights: dict, where: str) -> nn.Module:
     from .config import build_model, resolve
 
     config = resolve(record["config"], source=where)
     model = build_model(config)
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as err:
-        raise ValueError(f"the weights in {where} do not match the model of its record "
-                         f"({config['kind']} {config['model'].get('arch')}): {err}") from None
+    base_sha = (record.get("weights") or {}).get("base_sha256")
+    if base_sha:
+        # Adapter-only weights: the frozen base comes from its committed model, which must be, bit
+        # for bit, the base this adapter was trained and exported with.
+        prefixes = frozen_base_prefixes(model)
+        dtype = EXPORT_DTYPES[record["weights"]["dtype"]]
+        base = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in model.state_dict().items()
+                if k.startswith(prefixes)}
+        if not prefixes or tensors_sha256(base) != base_sha:
+            raise ValueError(f"{where} holds a {config['kind']} adapter trained on {config['base']['model']!r}, but "
+                             f"that base as found now is not the one it was trained with (weights digest differs)")
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        stray = [k for k in missing if not k.startswith(prefixes)] + list(unexpected)
+        if stray:
+            raise ValueError(f"the weights in {where} do not match the adapter of its record: {stray[:5]}")
+    else:
+        try:
+            model.load_state_dict(weights)
+        except RuntimeError as err:
+            raise ValueError(f"the weights in {where} do not match the model of its record "
+                             f"({config['kind']} {config['model'].get('arch')}): {err}") from None
     if record.get("kind") == "classifier" and "held_out" in record:
         model.held_out = dict(record["held_out"])
     return model.eval()
@@ -312,7 +351,9 @@ def export(checkpoint: str | Path, directory: str | Path, name: str | None = Non
 
     The record gains ``weights`` (file name, dtype, bytes, SHA-256, parameter count) and keeps
     ``metrics`` if the checkpoint has been evaluated. Float tensors are cast to ``dtype``; integer
-    buffers are kept as they are.
+    buffers are kept as they are. A model built on a frozen committed base (a ControlNet) keeps only
+    its own weights: the export first checks that the checkpoint's base equals the committed base bit
+    for bit, and records the base's digest (``weights.base_sha256``), which loading checks again.
     """
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(EXPORT_DTYPES)}")
@@ -323,8 +364,28 @@ def export(checkpoint: str | Path, directory: str | Path, name: str | None = Non
         raise ValueError(f"a model name is a plain file stem; got {name!r}")
     weights = state["ema"]["model"] if state.get("ema") is not None else state["model"]
     target = EXPORT_DTYPES[dtype]
+    model = _rebuild(record, weights, str(checkpoint))  # the weights load into the recorded model
+    base_sha = None
+    prefixes = frozen_base_prefixes(model)
+    if prefixes:
+        # A model built on a committed base stores only what it trained. Its base must still be the
+        # committed one bit for bit, in the training precision, or the adapter would be exported
+        # for a base it was not trained with.
+        from .config import build_model, resolve
+
+        # The raw trained weights are compared, not the EMA's: an average x + (1 - beta)(p - x) of a
+        # constant keeps its value but turns a -0.0 into +0.0, so only the raw copy can be equal in bits.
+        committed = build_model(resolve(record["config"], source=str(checkpoint))).state_dict()
+        raw = {k: v for k, v in state["model"].items() if k.startswith(prefixes)}
+        changed = [k for k, v in raw.items() if tensors_sha256({k: v}) != tensors_sha256({k: committed[k].to(v.dtype)})]
+        if changed or set(raw) != {k for k in committed if k.startswith(prefixes)}:
+            base_name = record["config"]["base"]["model"]
+            raise ValueError(f"{checkpoint}: the frozen base differs from the committed {base_name!r} "
+                             f"in {len(changed)} tensors ({changed[:3]}); not exported")
+        base_sha = tensors_sha256({k: (v.to(target) if v.is_floating_point() else v)
+                                   for k, v in committed.items() if k.startswith(prefixes)})
+        weights = {k: v for k, v in weights.items() if not k.startswith(prefixes)}
     weights = {k: (v.to(target) if v.is_floating_point() else v).contiguous() for k, v in weights.items()}
-    _rebuild(record, weights, str(checkpoint))  # the exported weights load into the recorded model
     directory = Path(directory)
     weights_path = _atomic(directory / f"{name}.pt", lambda f: torch.save(weights, f))
     record["name"] = name
@@ -338,5 +399,7 @@ def export(checkpoint: str | Path, directory: str | Path, name: str | None = Non
         "parameters": int(sum(v.numel() for v in weights.values() if v.is_floating_point())),
         "exported_from_step": record["step"],
     }
+    if base_sha:
+        record["weights"]["base_sha256"] = base_sha  # the base's tensors (not stored here), as exported
     record_path = write_json(directory / f"{name}.json", record)
     return weights_path, record_path

@@ -247,3 +247,69 @@ def test_controlnet_configuration_errors():
     with pytest.raises(ConfigError, match="hint_widths"):
         resolve({"kind": "controlnet", "base": base, "data": SHAPES16, "model": {"hint_widths": [0]}})
     assert resolve({"kind": "controlnet", "base": base, "data": SHAPES16})["model"]["control"] == "mask"
+
+
+def test_a_bound_text_controlnet_is_guided_like_its_base():
+    """ClassifierFreeGuidance reads the null caption and the padding id off the bound ControlNet, as off
+    the base: a null row shorter than the captions is right-padded, and the guided output is
+    uncond + w (cond - uncond) with the unconditional branch on the padded empty caption."""
+    from stepdiff.guidance import ClassifierFreeGuidance
+    from stepdiff.models.controlnet import controlnet_for
+    from stepdiff.models.text import TextConditioned, TextEncoder
+    from stepdiff.text import Tokenizer
+
+    torch.manual_seed(0)
+    tok = Tokenizer()
+    encoder = TextEncoder(tok.vocab_size, dim=16, depth=1, heads=2, pad_id=tok.pad_id)
+    base = TextConditioned(_trained_like_base(context_dim=16), encoder, tok.pad_id, tok.empty(1)[0]).eval()
+    net = controlnet_for(base, ControlNetConfig(hint_channels=1, hint_widths=(8,)))
+    with torch.no_grad():
+        for p in net.controlnet.zero_convs.parameters():
+            p.normal_(0.0, 0.1)
+    ids = tok.encode(["a red circle at the top left", "a small blue square"])
+    assert ids.shape[1] > base.null_ids.shape[-1]  # the case that needs padding
+    control, x, t = _controls(2), torch.randn(2, 3, 8, 8), torch.tensor([0.3, 0.7])
+    with torch.no_grad():
+        guided = ClassifierFreeGuidance(net.bind(control), 3.0, y=ids)(x, t)
+        cond = net(x, t, ids, control=control)
+        uncond = net(x, t, tok.empty(2, ids.shape[1]), control=control)
+    torch.testing.assert_close(guided, uncond + 3.0 * (cond - uncond), rtol=1e-5, atol=1e-5)
+
+
+def test_an_exported_controlnet_holds_only_its_adapter_and_reloads_only_on_its_own_base(tmp_path):
+    """The export keeps the trained adapter only; loading rebuilds the base from where the record
+    says and refuses a base that is not, bit for bit, the one trained with; the export refuses a
+    checkpoint whose frozen base has moved."""
+    from stepdiff import checkpoints
+    from stepdiff.runs import train_run
+
+    train_run({"name": "base", "data": SHAPES16, "model": TINY_UNET,
+               "train": {"steps": 2, "batch_size": 8, "threads": 1, "label_dropout": 0.1}}, tmp_path / "base.pt")
+    cfg = {"kind": "controlnet", "name": "cn", "base": {"model": str(tmp_path / "base.pt")}, "data": SHAPES16,
+           "model": {"control": "mask", "hint_widths": [8]},
+           "train": {"steps": 3, "batch_size": 8, "threads": 1, "label_dropout": 0.1}}
+    train_run(cfg, tmp_path / "cn.pt")
+    weights_path, _ = checkpoints.export(tmp_path / "cn.pt", tmp_path / "out")
+    stored = torch.load(weights_path, weights_only=True)
+    assert stored and not any(k.startswith(("text.", "controlnet.base.")) for k in stored)
+    trained, _ = checkpoints.load(tmp_path / "cn.pt")
+    exported, record = checkpoints.load(weights_path)
+    assert record["weights"]["base_sha256"]
+    got, want = exported.state_dict(), trained.state_dict()
+    assert set(got) == set(want)
+    for k, v in want.items():  # the adapter as exported (float16); the base as its own file holds it
+        assert torch.equal(got[k], v if k.startswith(("text.", "controlnet.base.")) else v.half().float()), k
+
+    moved = torch.load(tmp_path / "cn.pt", weights_only=True)  # the frozen base changed in training
+    moved["model"]["text.denoiser.conv_in.weight"] += 1e-3
+    torch.save(moved, tmp_path / "moved.pt")
+    with pytest.raises(ValueError, match="frozen base differs"):
+        checkpoints.export(tmp_path / "moved.pt", tmp_path / "out2")
+    assert not (tmp_path / "out2" / "cn.pt").exists()
+
+    base = torch.load(tmp_path / "base.pt", weights_only=True)  # the base file replaced afterwards
+    for state in (base["model"], base["ema"]["model"]):
+        state["denoiser.conv_in.weight"] += 1e-2
+    torch.save(base, tmp_path / "base.pt")
+    with pytest.raises(ValueError, match="not the one it was trained with"):
+        checkpoints.load(weights_path)
