@@ -173,6 +173,12 @@ def tensors_sha256(tensors: dict) -> str:
     return h.hexdigest()
 
 
+def _base_digest(state: dict, prefixes: tuple[str, ...], dtype: torch.dtype) -> str:
+    """The digest of a model's frozen base (the tensors under ``prefixes``) as exported in ``dtype``."""
+    return tensors_sha256({k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()
+                           if k.startswith(prefixes)})
+
+
 def _rebuild(record: dict, weights: dict, where: str) -> nn.Module:
     from .config import build_model, resolve
 
@@ -184,9 +190,7 @@ def _rebuild(record: dict, weights: dict, where: str) -> nn.Module:
         # for bit, the base this adapter was trained and exported with.
         prefixes = frozen_base_prefixes(model)
         dtype = EXPORT_DTYPES[record["weights"]["dtype"]]
-        base = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in model.state_dict().items()
-                if k.startswith(prefixes)}
-        if not prefixes or tensors_sha256(base) != base_sha:
+        if not prefixes or _base_digest(model.state_dict(), prefixes, dtype) != base_sha:
             raise ValueError(f"{where} holds a {config['kind']} adapter trained on {config['base']['model']!r}, but "
                              f"that base as found now is not the one it was trained with (weights digest differs)")
         missing, unexpected = model.load_state_dict(weights, strict=False)
@@ -382,8 +386,7 @@ def export(checkpoint: str | Path, directory: str | Path, name: str | None = Non
             base_name = record["config"]["base"]["model"]
             raise ValueError(f"{checkpoint}: the frozen base differs from the committed {base_name!r} "
                              f"in {len(changed)} tensors ({changed[:3]}); not exported")
-        base_sha = tensors_sha256({k: (v.to(target) if v.is_floating_point() else v)
-                                   for k, v in committed.items() if k.startswith(prefixes)})
+        base_sha = _base_digest(committed, prefixes, target)
         weights = {k: v for k, v in weights.items() if not k.startswith(prefixes)}
     weights = {k: (v.to(target) if v.is_floating_point() else v).contiguous() for k, v in weights.items()}
     directory = Path(directory)
