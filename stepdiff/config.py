@@ -125,8 +125,9 @@ _DATA = {
 }
 _MODEL_DIFFUSION = {"arch": "unet", "preset": "tiny", "text": {}}
 # clip: a trained CLIP (a committed model's name or a checkpoint) whose text tower, frozen, encodes the
-# captions instead of a text encoder trained with the model (dim, depth and heads are then the CLIP's)
-_TEXT = {"dim": 64, "depth": 2, "heads": 4, "clip": ""}
+# captions instead of a text encoder trained with the model (dim, depth and heads are then the CLIP's);
+# tune: train that tower on with the model (from CLIP's weights) instead of keeping it frozen
+_TEXT = {"dim": 64, "depth": 2, "heads": 4, "clip": "", "tune": False}
 _MODEL_CLASSIFIER = {"arch": "digits-cnn", "width": None, "feature_dim": None, "hidden": None}
 _OBJECTIVE = {
     "schedule": "vp-cosine",
@@ -404,6 +405,9 @@ def _resolve_diffusion(cfg: dict) -> None:
             raise ConfigError(f"[model.text] clip: the CLIP-conditioned model is a UNet ([model] arch = 'unet'), "
                               f"not {model['arch']!r}")
         load_part(model["text"]["clip"], "clip", "[model.text] clip")
+    if model["text"]["tune"] and not model["text"]["clip"]:
+        raise ConfigError("[model.text] tune = true fine-tunes a CLIP's text tower: it needs [model.text] clip "
+                          "(a text encoder learned from scratch is always trained)")
     if data["latent"]:
         load_part(data["latent"], "autoencoder", "[data] latent")
         sample_shape(cfg)  # checks that the images fit the autoencoder
@@ -798,7 +802,7 @@ def build_model(cfg: dict, *, seed: int | None = None) -> nn.Module:
             from .pipelines import latent_text_model
 
             clip = load_part(cfg["model"]["text"]["clip"], "clip", "[model.text] clip")
-            return latent_text_model(clip, config)
+            return latent_text_model(clip, config, freeze_encoder=not cfg["model"]["text"]["tune"])
         net = (UNet if cfg["model"]["arch"] == "unet" else DiT)(config)
         if inpaint:
             from .editing import MaskedInputDenoiser

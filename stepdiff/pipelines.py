@@ -81,7 +81,8 @@ def latent_text_model(text_encoder: TextEncoder | CLIP, config: UNetConfig, *,
     diffusion, the image channels in pixel space). The empty caption (the "no caption" row of
     guidance and of caption dropout) is the tokenizer's ``empty`` row ``<bos> <eos>``. With
     ``freeze_encoder`` the encoder's parameters get no gradient (Stable Diffusion keeps its CLIP
-    text encoder fixed), so {func}`stepdiff.train.train` updates the UNet alone.
+    text encoder fixed), so {func}`stepdiff.train.train` updates the UNet alone; without it the
+    encoder trains on with the UNet from the weights it has (fine-tuning), even if it came frozen.
     """
     encoder = text_encoder.text_encoder if isinstance(text_encoder, CLIP) else text_encoder
     if not isinstance(encoder, TextEncoder):
@@ -95,6 +96,8 @@ def latent_text_model(text_encoder: TextEncoder | CLIP, config: UNetConfig, *,
     unet = UNet(replace(config, context_dim=encoder.dim))
     if freeze_encoder:
         freeze(encoder)
+    else:
+        encoder.requires_grad_(True)
     return TextConditioned(unet, encoder, tokenizer.pad_id, tokenizer.empty(1)[0])
 
 

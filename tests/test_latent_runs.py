@@ -69,6 +69,45 @@ def test_latent_text_model_trains_on_latents_with_the_frozen_clip_text_tower(par
     assert torch.equal(images, sample_images(model, cfg, 2, prompts=prompts, guidance=2.0, seed=3))
 
 
+def test_a_tuned_clip_text_tower_starts_from_clip_and_trains_with_the_unet(parts, tmp_path):
+    """[model.text] tune = true: the tower starts as the CLIP's and moves with the UNet; the
+    checkpoint carries the moved tower, and loading it gives that tower, not the CLIP's again."""
+    from stepdiff.config import build_model
+
+    ae_path, clip_path = parts
+    clip, _ = ckpt.load(clip_path)
+    theirs = clip.text_encoder.state_dict()
+    cfg = resolve(_overrides_to_config(_ldm(ae_path, clip_path) + ["model.text.tune=true"]))
+    fresh = build_model(cfg)
+    assert all(p.requires_grad for p in fresh.encoder.parameters())
+    assert all(torch.equal(v, theirs[k]) for k, v in fresh.encoder.state_dict().items())
+    run = _train(tmp_path / "tuned.pt", _ldm(ae_path, clip_path) + ["model.text.tune=true"])
+    model, _ = ckpt.load(run.path, ema=False)
+    mine = model.encoder.state_dict()
+    moved = [k for k in mine if mine[k].is_floating_point() and not torch.equal(mine[k], theirs[k])]
+    assert moved, "a tuned tower must change in training"
+    state = torch.load(run.path, weights_only=True)["model"]
+    assert all(torch.equal(mine[k], state[f"encoder.{k}"]) for k in mine)
+
+
+def _overrides_to_config(overrides):
+    from stepdiff.config import set_value
+
+    raw: dict = {}
+    for assignment in overrides:
+        set_value(raw, assignment)
+    return raw
+
+
+def test_tune_needs_a_clip_and_a_boolean(parts):
+    _, clip_path = parts
+    base = {"kind": "diffusion", "data": {"name": "shapes", "size": 16, "condition": "text"}}
+    with pytest.raises(ConfigError, match=r"tune = true fine-tunes a CLIP's text tower: it needs \[model.text\] clip"):
+        resolve({**base, "model": {"text": {"tune": True}}})
+    with pytest.raises(ConfigError, match=r"\[model.text\] tune must be a bool; got 'yes'"):
+        resolve({**base, "model": {"text": {"clip": clip_path, "tune": "yes"}}})
+
+
 def test_sampled_latents_are_decoded_by_the_autoencoder(parts, tmp_path):
     """The images are D(z / s) of the latents the same sampler gives when run by hand."""
     from stepdiff.guidance import ClassifierFreeGuidance
