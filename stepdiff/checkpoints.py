@@ -17,6 +17,9 @@ it came from ({func}`provenance`):
 
 A **committed model** ({func}`export`) is the EMA weights alone, in float16 by default, as
 ``<name>.pt`` beside ``<name>.json``, the record with the weights file's size and SHA-256. The
+``.pt`` is PyTorch's own zip format with its entries deflate-compressed ({func}`save_compressed`):
+``torch.load`` reads it as it is, and it is about 8 % smaller, which the 40 MB budget of all
+committed weights needs. The
 chapters read their numbers from that JSON; {func}`load` rebuilds the model from either form.
 """
 
@@ -24,11 +27,13 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import io
 import json
 import os
 import platform
 import subprocess
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +54,7 @@ __all__ = [
     "export",
     "write_json",
     "file_sha256",
+    "save_compressed",
 ]
 
 LOSSES_HEAD = 50
@@ -169,7 +175,8 @@ def tensors_sha256(tensors: dict) -> str:
     for key in sorted(tensors):
         t = tensors[key].detach().contiguous().cpu()
         h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        # reshape(-1): a 0-dim tensor (a scalar buffer) cannot be viewed as bytes of another width
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
@@ -283,6 +290,20 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def save_compressed(obj: Any, f) -> None:
+    """``torch.save(obj)`` into the open binary file ``f``, with every entry of PyTorch's zip archive
+    deflate-compressed (level 9) instead of stored. ``torch.load`` reads the result unchanged (its
+    zip reader inflates), though not with ``mmap=True``. The bytes are a function of ``obj`` alone:
+    the entries keep PyTorch's names, order and fixed timestamps, so an export is reproducible."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    with zipfile.ZipFile(buffer) as src, zipfile.ZipFile(f, "w") as out:
+        for info in src.infolist():
+            packed = zipfile.ZipInfo(info.filename, date_time=info.date_time)
+            packed.external_attr = info.external_attr
+            out.writestr(packed, src.read(info), compress_type=zipfile.ZIP_DEFLATED, compresslevel=9)
+
+
 def _atomic(path: Path, write) -> Path:
     """Write ``path`` through a temporary file in its folder, replaced in one step."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -390,7 +411,7 @@ def export(checkpoint: str | Path, directory: str | Path, name: str | None = Non
         weights = {k: v for k, v in weights.items() if not k.startswith(prefixes)}
     weights = {k: (v.to(target) if v.is_floating_point() else v).contiguous() for k, v in weights.items()}
     directory = Path(directory)
-    weights_path = _atomic(directory / f"{name}.pt", lambda f: torch.save(weights, f))
+    weights_path = _atomic(directory / f"{name}.pt", lambda f: save_compressed(weights, f))
     record["name"] = name
     if record.get("command"):
         record["command"] = portable_command(record["command"])
