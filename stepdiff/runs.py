@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import math
 import os
 import subprocess
 import sys
@@ -483,24 +482,19 @@ def sample_images(
 
 
 def save_grid(images: Tensor, path: str | Path, *, nrow: int | None = None, scale: int | None = None) -> Path:
-    """Write images ``[n, C, H, W]`` in $[-1, 1]$ as one PNG grid (``nrow`` per row, each pixel
-    ``scale`` times enlarged; defaults: a square-ish grid, cells at least 32 pixels), atomically."""
+    r"""Write images ``[n, C, H, W]`` in $[-1, 1]$ as one PNG grid (``nrow`` per row, each pixel
+    ``scale`` times enlarged; defaults: a square-ish grid, cells at least 32 pixels), atomically.
+    The grid is the canvas of {func}`stepdiff.figures.image_grid`, each $u \in [0, 1]$ stored as
+    the byte $\mathrm{round}(255\,u)$."""
     from PIL import Image
 
-    if images.ndim != 4 or images.shape[1] not in (1, 3):
-        raise ValueError(f"images must be [n, 1 or 3, H, W]; got {tuple(images.shape)}")
-    n, C, H, W = images.shape
-    nrow = nrow or max(1, math.ceil(math.sqrt(n)))
+    from .figures import image_grid
+
+    canvas = image_grid(images, nrow)  # checks the shape and nrow
+    H, W = images.shape[-2:]
     scale = scale or max(1, 32 // max(H, W))
-    rows = math.ceil(n / nrow)
-    pad = 1
-    grid = torch.ones(C, rows * (H + pad) + pad, nrow * (W + pad) + pad)
-    u = ((images.float().clamp(-1, 1) + 1) / 2).cpu()
-    for i in range(n):
-        r, c = divmod(i, nrow)
-        grid[:, pad + r * (H + pad) : pad + r * (H + pad) + H, pad + c * (W + pad) : pad + c * (W + pad) + W] = u[i]
-    pixels = (grid * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    img = Image.fromarray(pixels[..., 0] if C == 1 else pixels)  # uint8: grey (L) or RGB
+    pixels = (canvas * 255).round().to(torch.uint8).numpy()
+    img = Image.fromarray(pixels[..., 0] if canvas.shape[-1] == 1 else pixels)  # uint8: grey (L) or RGB
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
     return ckpt._atomic(Path(path), lambda f: img.save(f, format="PNG"))
