@@ -18,6 +18,12 @@ configuration (data, UNet, flow-matching objective, caption dropout, 800 steps, 
 - ``scratch``: a text encoder of the same size (the package's ``TextEncoder``: 64 wide, 2 layers,
   4 heads) learned from scratch with the UNet (``--set 'model.text.clip=""'``).
 
+And one run that keeps the frozen tower and changes where the denoiser reads it:
+
+- ``attn16``: attention blocks (self- and cross-attention to the caption) at 16x16 as well as 8x8
+  (``--set 'model.attn_levels=[1, 2]'``), so the words reach the resolution where an object's
+  outline is drawn.
+
 Each snapshot's entry keeps its run's recorded ``stepdiff train`` command (``train_command``).
 
 **Measured** exactly as ``benchmarks/latent_vs_pixel.py`` measures the frozen run, by its own code
@@ -52,7 +58,7 @@ from latent_vs_pixel import _reference, _settings, evaluate_snapshot  # noqa: E4
 from stepdiff import checkpoints  # noqa: E402
 
 DEFAULT_OUT = ROOT / "stepdiff" / "results" / "text_tower.json"
-ARMS = {"tuned": "shapes-t2i-tuned", "scratch": "shapes-t2i-scratch"}  # arm -> the run's recorded name
+ARMS = {"tuned": "shapes-t2i-tuned", "scratch": "shapes-t2i-scratch", "attn16": "shapes-t2i-attn16"}  # arm -> run name
 
 
 def _store(out: Path, settings: dict, reference: dict, arm: str, entry: dict, command: dict) -> None:
@@ -74,7 +80,7 @@ def _store(out: Path, settings: dict, reference: dict, arm: str, entry: dict, co
         }
         if results["settings"] != settings or results["reference"] != reference:
             raise SystemExit(f"{out} was measured with other settings or another reference: write to another file")
-        runs = [e for e in results["runs"][arm] if e["step"] != entry["step"]]
+        runs = [e for e in results["runs"].get(arm, []) if e["step"] != entry["step"]]
         results["runs"][arm] = sorted(runs + [entry], key=lambda e: e["step"])
         results["commands"] = [c for c in results["commands"]
                                if (c["command"], c["date"]) != (command["command"], command["date"])] + [command]

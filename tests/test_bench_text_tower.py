@@ -69,3 +69,18 @@ def test_missing_snapshot_is_named(tmp_path, capsys):
         bench.main(["--arm", "tuned", str(missing), "--out", str(tmp_path / "r.json")])
     assert "nope.800.pt" in capsys.readouterr().err
     assert not (tmp_path / "r.json").exists()
+
+
+def test_an_arm_added_later_joins_an_existing_file(tmp_path):
+    """A results file written before an arm existed takes that arm's entries beside the others."""
+    bench = _load()
+    out = tmp_path / "text_tower.json"
+    settings, reference = {"n_samples": 7}, {"floor": {"value": 1.5}}
+    bench._store(out, settings, reference, "tuned", _entry(200, 0.2), _command("tuned", "d1"))
+    old = json.loads(out.read_text())
+    del old["runs"]["attn16"]
+    out.write_text(json.dumps(old))
+    bench._store(out, settings, reference, "attn16", _entry(200, 0.4), _command("attn16", "d1"))
+    got = json.loads(out.read_text())["runs"]
+    assert [e["attribute_accuracy"]["shape"] for e in got["attn16"]] == [0.4]
+    assert [e["attribute_accuracy"]["shape"] for e in got["tuned"]] == [0.2]
