@@ -51,3 +51,19 @@ def one_thread_per_module():
     """One torch thread for a whole module, its module-scoped fixtures included."""
     with threads_kept(1):
         yield
+
+
+def load_benchmark(name: str):
+    """Import ``benchmarks/<name>.py`` as a module (the benchmarks are scripts, not a package; the
+    folder goes on ``sys.path`` so that one benchmark can import another)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+    spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -4,28 +4,20 @@ asked for the wrong shapes it scores none; it refuses inputs of the wrong form."
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_benchmark
 
 from stepdiff import pretrained
 from stepdiff.config import held_out_data
 from stepdiff.runs import make_config
 from stepdiff.shapes import SHAPES, parse_caption
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def _load():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("shape_drawing", ROOT / "benchmarks" / "shape_drawing.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("shape_drawing")
 
 
 @pytest.fixture(scope="module")
