@@ -16,7 +16,10 @@ x \leftarrow x + \alpha_2 \odot \mathrm{MLP}\big(\mathrm{LN}(x)(1 + \gamma_2) + 
 with the regression zero-initialised, so $\alpha = 0$ and every block starts as the identity.
 With a context (text tokens, ``context_dim > 0``) a cross-attention branch
 $x \leftarrow x + \mathrm{Attn}(\mathrm{LN}(x), \text{context})$ sits between the two (as in
-PixArt-$\alpha$), its output projection zero-initialised too. A last adaLN-modulated linear layer,
+PixArt-$\alpha$), its output projection zero-initialised too; ``pooled_context=True`` also adds a
+zero-initialised projection of the mean context token to $c$
+({class}`~stepdiff.models.layers.PooledContext`), as Stable Diffusion 3 adds its pooled text vector, so
+the caption modulates every block. A last adaLN-modulated linear layer,
 zero-initialised, maps each token back to a $p\times p\times C$ patch, and the patches are put
 back in place. The attention is the package's {class}`~stepdiff.models.attention.Attention`, so on
 CUDA it runs the Triton kernels.
@@ -39,7 +42,7 @@ from torch import Tensor, nn
 
 from ..kernels.norm import adaln_modulate
 from .attention import Attention
-from .layers import TimestepEmbedder, batch_time, check_backend, check_context, check_labels, zero_
+from .layers import PooledContext, TimestepEmbedder, batch_time, check_backend, check_context, check_labels, zero_
 
 __all__ = ["DiTConfig", "DiTBlock", "FinalLayer", "DiT", "DIT_PRESETS", "sincos_position_embedding", "norm_modulate"]
 
@@ -58,6 +61,7 @@ class DiTConfig:
     freq_dim: int = 256  # sinusoidal time features fed to the time MLP
     n_classes: int = 0  # 0: no class input; else labels 0..n_classes-1 plus the null class n_classes
     context_dim: int = 0  # 0: no cross-attention; else the width D_c of the context [B, L, D_c]
+    pooled_context: bool = False  # also add a projection of the mean context token to the time embedding
     attn_backend: str | None = None  # stepdiff.kernels.attention backend, or "sdpa" (None: by device)
     norm_backend: str | None = None  # stepdiff.kernels.adaln_modulate backend (None: by device)
 
@@ -68,6 +72,11 @@ class DiTConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer; got {value!r}")
+        if not isinstance(self.pooled_context, bool):
+            raise ValueError(f"pooled_context must be True or False; got {self.pooled_context!r}")
+        if self.pooled_context and not self.context_dim:
+            raise ValueError("pooled_context = True pools the context: it needs context_dim > 0 "
+                             "(a text-conditioned model)")
         for name in ("n_classes", "context_dim"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -208,6 +217,7 @@ class DiT(nn.Module):
         self.patch_embed = nn.Conv2d(c.in_channels, d, kernel_size=p, stride=p)
         self.time_embed = TimestepEmbedder(c.freq_dim, d)
         self.class_embed = nn.Embedding(c.n_classes + 1, d) if c.n_classes else None
+        self.pooled = PooledContext(c.context_dim, d) if c.pooled_context else None
         self.blocks = nn.ModuleList(
             DiTBlock(d, c.heads, c.mlp_ratio, c.context_dim, c.attn_backend, c.norm_backend) for _ in range(c.depth)
         )
@@ -252,6 +262,8 @@ class DiT(nn.Module):
         if y is not None:
             c = c + self.class_embed(y)
         context, context_mask = check_context(context, context_mask, self.config.context_dim, B)
+        if self.pooled is not None:
+            c = c + self.pooled(context, context_mask).to(c.dtype)
         # [B, T, d], T = h * w, made contiguous once: the whole residual stream then keeps that layout
         # (a transposed one would be copied again by every norm and linear map).
         tokens = self.patch_embed(x).flatten(2).transpose(1, 2).contiguous()

@@ -18,10 +18,11 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["timestep_embedding", "TimestepEmbedder", "zero_", "batch_time", "check_labels", "check_context",
-           "check_backend"]
+__all__ = ["timestep_embedding", "TimestepEmbedder", "PooledContext", "zero_", "batch_time", "check_labels",
+           "check_context", "check_backend"]
 
 KERNEL_BACKENDS = (None, "auto", "triton", "torch")
 
@@ -77,6 +78,35 @@ class TimestepEmbedder(nn.Module):
     def forward(self, t: Tensor) -> Tensor:
         emb = timestep_embedding(t, self.freq_dim)
         return self.mlp(emb.to(self.mlp[0].weight.dtype))
+
+
+class PooledContext(nn.Module):
+    r"""The caption as one vector, for the time embedding: $W\bar c + b$ with
+    $\bar c = \sum_l m_l c_l / \sum_l m_l$ the mean of the real tokens of ``context`` ``[B, L, D_c]``
+    (``context_mask`` ``[B, L]``, ``True`` for a real token; ``None``: all real).
+
+    A model adds it to $e(t)$ (SDXL adds its text encoder's pooled vector to the time embedding
+    the same way, Podell et al. 2023), so the caption reaches every block that the time
+    reaches, not only the cross-attention layers. $W$ and $b$ start at zero: the new path is
+    switched off at initialisation, and the model computes exactly what it did without it.
+    The parameters are made as zeros, not by an initialiser, so that building the layer draws no
+    random numbers: a model seeded alike gets the same other weights with or without it. The mean is
+    taken in float32 (a bf16 sum over tokens would round).
+    """
+
+    def __init__(self, context_dim: int, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(dim, context_dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, context: Tensor, context_mask: Tensor | None) -> Tensor:
+        c = context.float()
+        if context_mask is None:
+            pooled = c.mean(1)
+        else:
+            m = context_mask.to(c.dtype)[..., None]  # [B, L, 1]
+            pooled = (c * m).sum(1) / m.sum(1).clamp_min(1.0)  # a row with no real token pools to 0
+        return F.linear(pooled.to(self.weight.dtype), self.weight, self.bias)
 
 
 def zero_(module: nn.Module) -> nn.Module:

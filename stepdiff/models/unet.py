@@ -21,7 +21,10 @@ The way up mirrors the way down with one more block per level, each taking the m
 activation of the way down concatenated to its input; a middle stage (ResBlock, AttnBlock,
 ResBlock) sits at the bottom. The time enters as $e = \mathrm{MLP}(\gamma(1000\,t)) + E[y]$, with
 $\gamma$ the sinusoidal features of {func}`~stepdiff.models.layers.timestep_embedding` and the class
-table $E$ holding one extra row, the null class ``n_classes`` (classifier-free guidance).
+table $E$ holding one extra row, the null class ``n_classes`` (classifier-free guidance). With
+``pooled_context=True`` a text-conditioned UNet adds $W\bar c$, a zero-initialised projection of the
+mean real context token ({class}`~stepdiff.models.layers.PooledContext`, as SDXL adds its pooled
+text vector): the caption then reaches every ResBlock through $e$, not only the attention blocks.
 
 **Kernels and layout.** Every $\mathrm{SiLU}(\mathrm{GN}(\cdot))$ pair (the first norm of each
 ResBlock, the second one with DDPM's additive time, the output norm) is one call of
@@ -45,7 +48,7 @@ from torch import Tensor, nn
 
 from ..kernels.norm import group_norm_silu
 from .attention import Attention
-from .layers import TimestepEmbedder, batch_time, check_backend, check_context, check_labels, zero_
+from .layers import PooledContext, TimestepEmbedder, batch_time, check_backend, check_context, check_labels, zero_
 
 __all__ = ["UNetConfig", "norm_silu", "ResBlock", "AttnBlock", "Downsample", "Upsample", "UNet", "UNET_PRESETS"]
 
@@ -66,6 +69,7 @@ class UNetConfig:
     scale_shift: bool = True  # time as scale and shift of the second norm (False: DDPM's additive shift)
     n_classes: int = 0  # 0: no class input; else labels 0..n_classes-1 plus the null class n_classes
     context_dim: int = 0  # 0: no cross-attention; else the width D_c of the context [B, L, D_c]
+    pooled_context: bool = False  # also add a projection of the mean context token to the time embedding
     attn_backend: str | None = None  # stepdiff.kernels.attention backend, or "sdpa" (None: by device)
     norm_backend: str | None = None  # stepdiff.kernels.group_norm_silu backend (None: by device)
     channels_last: bool = False  # run (and store the weights) in channels-last memory format
@@ -79,6 +83,11 @@ class UNetConfig:
         self.attn_levels = tuple(self.attn_levels)
         for name in ("in_channels", "channels", "num_res_blocks", "heads", "norm_groups"):
             _positive_int(name, getattr(self, name))
+        if not isinstance(self.pooled_context, bool):
+            raise ValueError(f"pooled_context must be True or False; got {self.pooled_context!r}")
+        if self.pooled_context and not self.context_dim:
+            raise ValueError("pooled_context = True pools the context: it needs context_dim > 0 "
+                             "(a text-conditioned model)")
         for name in ("n_classes", "context_dim"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -259,6 +268,7 @@ class UNet(nn.Module):
         ch, G, emb_dim = c.channels, c.norm_groups, 4 * c.channels
         self.time_embed = TimestepEmbedder(ch, emb_dim)
         self.class_embed = nn.Embedding(c.n_classes + 1, emb_dim) if c.n_classes else None
+        self.pooled = PooledContext(c.context_dim, emb_dim) if c.pooled_context else None
 
         def res(c_in: int, c_out: int) -> ResBlock:
             return ResBlock(c_in, c_out, emb_dim, G, c.dropout, c.scale_shift, c.norm_backend)
@@ -325,6 +335,8 @@ class UNet(nn.Module):
         if y is not None:
             emb = emb + self.class_embed(y)
         context, context_mask = check_context(context, context_mask, self.config.context_dim, B)
+        if self.pooled is not None:
+            emb = emb + self.pooled(context, context_mask).to(emb.dtype)
         backend = self.config.norm_backend
         h = self.conv_in(x.contiguous(memory_format=torch.channels_last) if self.channels_last else x)
         hs = [h]
