@@ -18,11 +18,15 @@ configuration (data, UNet, flow-matching objective, caption dropout, 800 steps, 
 - ``scratch``: a text encoder of the same size (the package's ``TextEncoder``: 64 wide, 2 layers,
   4 heads) learned from scratch with the UNet (``--set 'model.text.clip=""'``).
 
-And one run that keeps the frozen tower and changes where the denoiser reads it:
+And two runs that keep the frozen tower and change where the denoiser reads it:
 
 - ``attn16``: attention blocks (self- and cross-attention to the caption) at 16x16 as well as 8x8
   (``--set 'model.attn_levels=[1, 2]'``), so the words reach the resolution where an object's
   outline is drawn.
+- ``pooled``: the frozen tower and 8x8 attention, plus the mean of the caption's token vectors,
+  projected by a zero-initialised linear map and added to the time embedding
+  (``--set model.pooled_context=true``), so the sentence also reaches every residual block, as
+  SDXL's pooled text vector does.
 
 Each snapshot's entry keeps its run's recorded ``stepdiff train`` command (``train_command``).
 
@@ -58,7 +62,8 @@ from latent_vs_pixel import _reference, _settings, evaluate_snapshot  # noqa: E4
 from stepdiff import checkpoints  # noqa: E402
 
 DEFAULT_OUT = ROOT / "stepdiff" / "results" / "text_tower.json"
-ARMS = {"tuned": "shapes-t2i-tuned", "scratch": "shapes-t2i-scratch", "attn16": "shapes-t2i-attn16"}  # arm -> run name
+ARMS = {"tuned": "shapes-t2i-tuned", "scratch": "shapes-t2i-scratch", "attn16": "shapes-t2i-attn16",
+        "pooled": "shapes-t2i-pooled"}  # arm -> run name
 
 
 def _store(out: Path, settings: dict, reference: dict, arm: str, entry: dict, command: dict) -> None:

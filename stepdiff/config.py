@@ -113,7 +113,7 @@ _DATA = {
     "n": 20_000,  # shapes: number of training scenes
     "n_held_out": 2_000,  # shapes: held-out scenes for evaluation (and the classifier's held-out scores)
     "n_objects": [1, 3],  # shapes: objects per scene, an inclusive range
-    "caption_style": "mixed",  # shapes: positional | relational | mixed
+    "caption_style": "mixed",  # shapes: positional | relational | shape | mixed
     "channels": 3,  # image-folder: 1 or 3
     "pad": 0,  # mnist, fashion-mnist: background added on every side (2 gives 32x32)
     # diffusion: a trained autoencoder (a committed model's name or a checkpoint): the run trains and

@@ -139,7 +139,7 @@ CELLS = ("top left", "top", "top right", "left", "centre", "right", "bottom left
 RELATIONS = ("left of", "right of", "above", "below")
 BACKGROUNDS = ("plain", "gradient", "stripes", "noise")
 MAX_OBJECTS = 3
-CAPTION_STYLES = ("positional", "relational")
+CAPTION_STYLES = ("positional", "relational", "shape")
 
 # Jitter, drawn uniformly: centre offset in cell widths (objects at the border are then pushed
 # inwards to stay in frame, see _keep_in_frame), relative scale, rotation in degrees.
@@ -878,6 +878,9 @@ def caption(scene: Scene, style: str = "positional") -> str:
     - ``"relational"``: two objects by their relation instead of their cells, "a small blue
       square left of a large green triangle" (see {func}`relation`); with three objects the
       third is located, "A left of B and C at the bottom"; one object as in ``"positional"``.
+    - ``"shape"``: the shapes alone, "a circle", "a square and a star": a caption that asks
+      exactly what a shape label does (chapter II.9 trains on it to tell the word's route from the
+      label's).
 
     {func}`parse_caption` reads either back.
     """
@@ -888,6 +891,8 @@ def caption(scene: Scene, style: str = "positional") -> str:
 
 
 def _caption(objs: list[tuple[str, str, str, int]], style: str) -> str:
+    if style == "shape":
+        return _join([f"{_article(o[0])} {o[0]}" for o in objs])
     if style == "positional" or len(objs) == 1:
         return _join([_phrase(o, True) for o in objs])
     pair = f"{_phrase(objs[0], False)} {relation(objs[0][3], objs[1][3])} {_phrase(objs[1], False)}"
@@ -1153,8 +1158,9 @@ def make_shapes(
     r"""``n`` seeded shapes scenes (indices ``start .. start + n - 1`` of ``seed``), rendered.
 
     ``n_objects``: an exact count (1, 2 or 3) or an inclusive range ``(lo, hi)``, uniform over
-    the counts. ``caption_style``: ``"positional"``, ``"relational"`` (see {func}`caption`) or
-    ``"mixed"``, each scene's style drawn from its own stream. ``masks=False`` skips the masks
+    the counts. ``caption_style``: ``"positional"``, ``"relational"``, ``"shape"`` (see
+    {func}`caption`) or ``"mixed"``, each scene's style drawn from its own stream between the
+    first two. ``masks=False`` skips the masks
     and edges (a 32x32 dataset then takes 12 KiB per image instead of 28 KiB).
 
     Scene $i$ depends only on $(\text{seed}, i)$ and ``n_objects``, so ``make_shapes(n, start=k)``
@@ -1170,7 +1176,7 @@ def make_shapes(
     a = _sample_arrays(seed, index, _object_range(n_objects))
     if caption_style == "mixed":
         relational = _uniform(_keys(seed, index), _S_STYLE) < 0.5
-        styles = [CAPTION_STYLES[int(r)] for r in relational]
+        styles = [("positional", "relational")[int(r)] for r in relational]
     else:
         styles = [caption_style] * n
     captions = [_caption(a.objects(i), st) for i, st in enumerate(styles)]

@@ -269,6 +269,14 @@ def test_captions_parse_back_to_the_records(style):
         text = S.caption(scene, style)
         spec = S.parse_caption(text)
         objs = scene.objects
+        if style == "shape":  # the shapes alone: nothing else asked, so any colour, size and place holds
+            assert spec.objects == tuple(S.CaptionObject(o.shape) for o in objs) and not spec.relations
+            assert spec.satisfied_by(t), text
+            wrong = t.clone()
+            c = objs[-1].cell
+            wrong[c, 0] = wrong[c, 0] % len(S.SHAPES) + 1
+            assert not spec.satisfied_by(wrong)
+            continue
         assert [(o.shape, o.colour, o.size) for o in spec.objects] == [(o.shape, o.colour, o.size) for o in objs]
         located = style == "positional" or len(objs) == 1
         for k, (got, want) in enumerate(zip(spec.objects, objs)):
@@ -293,6 +301,9 @@ def test_dataset_captions_mix_both_styles(ds):
         assert S.parse_caption(text).satisfied_by(t)
     pos = S.make_shapes(30, seed=7, caption_style="positional")
     assert pos.captions == [S.caption(s) for s in ds.scenes[:30]]
+    bare = S.make_shapes(30, seed=7, caption_style="shape")
+    assert bare.captions == [S.caption(s, "shape") for s in ds.scenes[:30]]
+    assert torch.equal(bare.images, pos.images)  # the style changes the words, never the scenes
 
 
 def test_parser_reads_prompts_in_the_grammar():
