@@ -15,7 +15,9 @@ A run that removes the sentence tells them apart:
   guidance): ``stepdiff train --config shapes-pixel-t2i --set 'data.condition="class"' --set
   'data.n_objects=[1, 1]' --set 'model.text.clip=""' --set 'name="shapes-class-shape"'``.
 - ``text``: text-conditioned models (the committed ``shapes-pixel-t2i`` and checkpoints of its
-  variants), asked the captions of one-object held-out scenes.
+  variants), asked the captions of one-object held-out scenes; a model trained on shape-only
+  captions (``--set 'data.caption_style="shape"'``, "a circle") is asked the same scenes' shapes
+  in its own style.
 
 **Measured** alike for both: 200 images (the class model: each shape 25 times; a text model: the
 first 200 one-object held-out captions), Heun with 15 steps, $w = 3$, seed 0 (the settings of
@@ -46,7 +48,7 @@ from latent_vs_pixel import GUIDANCE, SAMPLER, SEED  # noqa: E402
 from stepdiff import checkpoints  # noqa: E402
 from stepdiff.config import held_out_data, resolve  # noqa: E402
 from stepdiff.runs import make_config, sample_images  # noqa: E402
-from stepdiff.shapes import SHAPES, parse_caption  # noqa: E402
+from stepdiff.shapes import SHAPES, caption, parse_caption, scene_from_caption  # noqa: E402
 
 DEFAULT_OUT = ROOT / "stepdiff" / "results" / "shape_drawing.json"
 N = 200
@@ -73,6 +75,14 @@ def shape_reading(predicted: torch.Tensor, asked: torch.Tensor) -> dict:
     }
 
 
+def prompts_for(captions: list[str], style: str) -> list[str]:
+    """The held-out captions as the model was trained to read them: unchanged, or for a model trained
+    on the ``"shape"`` style ("a circle"), reduced to their shapes."""
+    if style != "shape":
+        return list(captions)
+    return [caption(scene_from_caption(c, seed=0, index=i), "shape") for i, c in enumerate(captions)]
+
+
 def _measure(source: str | Path, kind: str, judge, one_object_captions: list[str]) -> dict:
     model, record = checkpoints.load(source)
     cfg = resolve(record["config"], source=str(source))
@@ -83,7 +93,7 @@ def _measure(source: str | Path, kind: str, judge, one_object_captions: list[str
         asked = torch.arange(N) % len(SHAPES)
         kwargs = {"labels": asked}
     else:
-        prompts = one_object_captions[:N]
+        prompts = prompts_for(one_object_captions[:N], cfg["data"]["caption_style"])
         asked = torch.tensor([SHAPES.index(parse_caption(p).objects[0].shape) for p in prompts])
         kwargs = {"prompts": prompts}
     c0 = time.process_time()
@@ -94,6 +104,8 @@ def _measure(source: str | Path, kind: str, judge, one_object_captions: list[str
     return {
         "model": Path(source).name if Path(source).is_file() else str(source),
         "name": record.get("name"),
+        "caption_style": cfg["data"]["caption_style"] if kind == "text" else None,
+        "n_objects": list(cfg["data"]["n_objects"]),
         "step": int(record["step"]),
         "train_cpu_s": round(float(record["cpu_s"]), 2),
         **reading,

@@ -86,3 +86,19 @@ def test_invocations_merge_and_refuse_other_settings(tmp_path):
     with pytest.raises(SystemExit, match="other settings"):
         bench._store(out, {"n_samples": 100, "seed": 0}, {"class": [], "text": []}, {"date": "3"})
     assert out.read_text() == before
+
+
+def test_shape_style_prompts_ask_the_same_shapes():
+    """A model trained on shape-only captions is asked each held-out scene's shape in its own style:
+    the prompt parses back to that shape alone, and other styles keep the caption as it is."""
+    bench = _load()
+    held = held_out_data(make_config("shapes-pixel-t2i"))
+    one = [c for c in held.captions if len(parse_caption(c).objects) == 1][:40]
+    bare = bench.prompts_for(one, "shape")
+    assert len(bare) == len(one) and bench.prompts_for(one, "positional") == one
+    for full, short in zip(one, bare):
+        want = parse_caption(full).objects[0]
+        got = parse_caption(short).objects
+        assert len(got) == 1 and got[0].shape == want.shape
+        assert (got[0].colour, got[0].size, got[0].cell) == (None, None, None)
+        assert set(short.split()) <= {"a", "an", *SHAPES}
