@@ -62,6 +62,7 @@ class DiTConfig:
     n_classes: int = 0  # 0: no class input; else labels 0..n_classes-1 plus the null class n_classes
     context_dim: int = 0  # 0: no cross-attention; else the width D_c of the context [B, L, D_c]
     pooled_context: bool = False  # also add a projection of the mean context token to the time embedding
+    pooled_gain: float = 0.0  # 0: the pool starts at zero (off); g > 0: W ~ N(0, g^2 / context_dim) (on)
     attn_backend: str | None = None  # stepdiff.kernels.attention backend, or "sdpa" (None: by device)
     norm_backend: str | None = None  # stepdiff.kernels.adaln_modulate backend (None: by device)
 
@@ -74,6 +75,11 @@ class DiTConfig:
                 raise ValueError(f"{name} must be a positive integer; got {value!r}")
         if not isinstance(self.pooled_context, bool):
             raise ValueError(f"pooled_context must be True or False; got {self.pooled_context!r}")
+        if isinstance(self.pooled_gain, bool) or not isinstance(self.pooled_gain, (int, float)) \
+                or not self.pooled_gain >= 0:
+            raise ValueError(f"pooled_gain must be a number >= 0; got {self.pooled_gain!r}")
+        if self.pooled_gain and not self.pooled_context:
+            raise ValueError("pooled_gain sets how the pool starts: it needs pooled_context = True")
         if self.pooled_context and not self.context_dim:
             raise ValueError("pooled_context = True pools the context: it needs context_dim > 0 "
                              "(a text-conditioned model)")
@@ -217,12 +223,14 @@ class DiT(nn.Module):
         self.patch_embed = nn.Conv2d(c.in_channels, d, kernel_size=p, stride=p)
         self.time_embed = TimestepEmbedder(c.freq_dim, d)
         self.class_embed = nn.Embedding(c.n_classes + 1, d) if c.n_classes else None
-        self.pooled = PooledContext(c.context_dim, d) if c.pooled_context else None
         self.blocks = nn.ModuleList(
             DiTBlock(d, c.heads, c.mlp_ratio, c.context_dim, c.attn_backend, c.norm_backend) for _ in range(c.depth)
         )
         self.final = FinalLayer(d, p, c.in_channels, c.norm_backend)
         self._init_weights()
+        # Made last (after DiT's initialisation, which would redraw it), so that a random start
+        # (pooled_gain > 0) leaves every other weight as the seed draws it.
+        self.pooled = PooledContext(c.context_dim, d, c.pooled_gain) if c.pooled_context else None
 
     def _init_weights(self) -> None:
         """DiT's initialisation: Xavier-uniform linear maps (and patch embedding), N(0, 0.02) time MLP

@@ -92,12 +92,21 @@ class PooledContext(nn.Module):
     The parameters are made as zeros, not by an initialiser, so that building the layer draws no
     random numbers: a model seeded alike gets the same other weights with or without it. The mean is
     taken in float32 (a bf16 sum over tokens would round).
+
+    ``gain`` $g > 0$ starts the layer switched *on* instead: $W_{ij} \sim \mathcal N(0, g^2/D_c)$, so
+    token vectors of unit variance move each coordinate of $e$ by about $g$ from the first step, as
+    a class embedding drawn from $\mathcal N(0, 1)$ does (that draw does use the random stream).
     """
 
-    def __init__(self, context_dim: int, dim: int) -> None:
+    def __init__(self, context_dim: int, dim: int, gain: float = 0.0) -> None:
         super().__init__()
+        if isinstance(gain, bool) or not isinstance(gain, (int, float)) or not gain >= 0:
+            raise ValueError(f"gain must be a number >= 0; got {gain!r}")
         self.weight = nn.Parameter(torch.zeros(dim, context_dim))
         self.bias = nn.Parameter(torch.zeros(dim))
+        if gain > 0:
+            with torch.no_grad():
+                self.weight.normal_(0.0, gain / context_dim**0.5)
 
     def forward(self, context: Tensor, context_mask: Tensor | None) -> Tensor:
         c = context.float()

@@ -70,6 +70,7 @@ class UNetConfig:
     n_classes: int = 0  # 0: no class input; else labels 0..n_classes-1 plus the null class n_classes
     context_dim: int = 0  # 0: no cross-attention; else the width D_c of the context [B, L, D_c]
     pooled_context: bool = False  # also add a projection of the mean context token to the time embedding
+    pooled_gain: float = 0.0  # 0: the pool starts at zero (off); g > 0: W ~ N(0, g^2 / context_dim) (on)
     attn_backend: str | None = None  # stepdiff.kernels.attention backend, or "sdpa" (None: by device)
     norm_backend: str | None = None  # stepdiff.kernels.group_norm_silu backend (None: by device)
     channels_last: bool = False  # run (and store the weights) in channels-last memory format
@@ -85,6 +86,11 @@ class UNetConfig:
             _positive_int(name, getattr(self, name))
         if not isinstance(self.pooled_context, bool):
             raise ValueError(f"pooled_context must be True or False; got {self.pooled_context!r}")
+        if isinstance(self.pooled_gain, bool) or not isinstance(self.pooled_gain, (int, float)) \
+                or not self.pooled_gain >= 0:
+            raise ValueError(f"pooled_gain must be a number >= 0; got {self.pooled_gain!r}")
+        if self.pooled_gain and not self.pooled_context:
+            raise ValueError("pooled_gain sets how the pool starts: it needs pooled_context = True")
         if self.pooled_context and not self.context_dim:
             raise ValueError("pooled_context = True pools the context: it needs context_dim > 0 "
                              "(a text-conditioned model)")
@@ -268,7 +274,6 @@ class UNet(nn.Module):
         ch, G, emb_dim = c.channels, c.norm_groups, 4 * c.channels
         self.time_embed = TimestepEmbedder(ch, emb_dim)
         self.class_embed = nn.Embedding(c.n_classes + 1, emb_dim) if c.n_classes else None
-        self.pooled = PooledContext(c.context_dim, emb_dim) if c.pooled_context else None
 
         def res(c_in: int, c_out: int) -> ResBlock:
             return ResBlock(c_in, c_out, emb_dim, G, c.dropout, c.scale_shift, c.norm_backend)
@@ -303,6 +308,8 @@ class UNet(nn.Module):
                 self.up.append(stage)
         self.norm_out = nn.GroupNorm(G, width)
         self.conv_out = zero_(nn.Conv2d(width, c.in_channels, 3, padding=1))
+        # Made last, so that a random start (pooled_gain > 0) leaves every other weight as the seed draws it.
+        self.pooled = PooledContext(c.context_dim, emb_dim, c.pooled_gain) if c.pooled_context else None
         self.channels_last = False
         self.set_channels_last(c.channels_last)
 

@@ -203,3 +203,31 @@ def test_the_configuration_option():
     assert build_model(_config("shapes-pixel-t2i")).denoiser.pooled is None  # the committed models: off
     with pytest.raises(ConfigError, match=r"\[model\].*pooled_context"):
         build_model(_config("digits-unet", "model.pooled_context=true"))
+
+
+@pytest.mark.parametrize("arch", ["unet", "dit"])
+def test_a_pool_that_starts_on(arch):
+    """``pooled_gain = g``: W starts N(0, g^2 / D_c), drawn after every other weight, so those stay as the
+    seed draws them without the pool; the caption then changes the output from the first step."""
+    off, on = make(arch), make(arch, pooled_context=True, pooled_gain=2.0)
+    s_off, s_on = off.state_dict(), on.state_dict()
+    assert all(torch.equal(s_off[k], s_on[k]) for k in s_off)
+    layer = PooledContext(400, 300, gain=2.0)
+    assert float(layer.weight.detach().std()) == pytest.approx(2.0 / 400**0.5, rel=0.02)
+    assert not layer.bias.any()
+    perturb(off, seed=1)
+    on.load_state_dict({**off.state_dict(), "pooled.weight": on.pooled.weight, "pooled.bias": on.pooled.bias})
+    x, t = torch.randn(2, 3, 8, 8), torch.rand(2)
+    context, mask = contexts(2, 4, D_CTX, [4, 2])
+    assert not torch.allclose(off(x, t, context=context, context_mask=mask),
+                              on(x, t, context=context, context_mask=mask))
+
+
+@pytest.mark.parametrize("config", [UNetConfig, DiTConfig])
+def test_gain_errors_name_the_option(config):
+    with pytest.raises(ValueError, match="pooled_gain must be a number >= 0"):
+        config(context_dim=4, pooled_context=True, pooled_gain=-1.0)
+    with pytest.raises(ValueError, match="pooled_gain .*needs pooled_context"):
+        config(context_dim=4, pooled_gain=1.0)
+    with pytest.raises(ValueError, match="gain must be a number >= 0"):
+        PooledContext(4, 4, gain=float("nan"))
