@@ -63,6 +63,7 @@ class DiTConfig:
     context_dim: int = 0  # 0: no cross-attention; else the width D_c of the context [B, L, D_c]
     pooled_context: bool = False  # also add a projection of the mean context token to the time embedding
     pooled_gain: float = 0.0  # 0: the pool starts at zero (off); g > 0: W ~ N(0, g^2 / context_dim) (on)
+    cross_attention: bool = True  # False: no cross-attention layers; the context enters by the pool only
     attn_backend: str | None = None  # stepdiff.kernels.attention backend, or "sdpa" (None: by device)
     norm_backend: str | None = None  # stepdiff.kernels.adaln_modulate backend (None: by device)
 
@@ -78,6 +79,10 @@ class DiTConfig:
         if isinstance(self.pooled_gain, bool) or not isinstance(self.pooled_gain, (int, float)) \
                 or not self.pooled_gain >= 0:
             raise ValueError(f"pooled_gain must be a number >= 0; got {self.pooled_gain!r}")
+        if not isinstance(self.cross_attention, bool):
+            raise ValueError(f"cross_attention must be True or False; got {self.cross_attention!r}")
+        if not self.cross_attention and not self.pooled_context:
+            raise ValueError("cross_attention = False leaves the context only the pool: it needs pooled_context = True")
         if self.pooled_gain and not self.pooled_context:
             raise ValueError("pooled_gain sets how the pool starts: it needs pooled_context = True")
         if self.pooled_context and not self.context_dim:
@@ -224,7 +229,8 @@ class DiT(nn.Module):
         self.time_embed = TimestepEmbedder(c.freq_dim, d)
         self.class_embed = nn.Embedding(c.n_classes + 1, d) if c.n_classes else None
         self.blocks = nn.ModuleList(
-            DiTBlock(d, c.heads, c.mlp_ratio, c.context_dim, c.attn_backend, c.norm_backend) for _ in range(c.depth)
+            DiTBlock(d, c.heads, c.mlp_ratio, c.context_dim if c.cross_attention else 0, c.attn_backend,
+                     c.norm_backend) for _ in range(c.depth)
         )
         self.final = FinalLayer(d, p, c.in_channels, c.norm_backend)
         self._init_weights()

@@ -71,6 +71,7 @@ class UNetConfig:
     context_dim: int = 0  # 0: no cross-attention; else the width D_c of the context [B, L, D_c]
     pooled_context: bool = False  # also add a projection of the mean context token to the time embedding
     pooled_gain: float = 0.0  # 0: the pool starts at zero (off); g > 0: W ~ N(0, g^2 / context_dim) (on)
+    cross_attention: bool = True  # False: no cross-attention layers; the context enters by the pool only
     attn_backend: str | None = None  # stepdiff.kernels.attention backend, or "sdpa" (None: by device)
     norm_backend: str | None = None  # stepdiff.kernels.group_norm_silu backend (None: by device)
     channels_last: bool = False  # run (and store the weights) in channels-last memory format
@@ -89,6 +90,10 @@ class UNetConfig:
         if isinstance(self.pooled_gain, bool) or not isinstance(self.pooled_gain, (int, float)) \
                 or not self.pooled_gain >= 0:
             raise ValueError(f"pooled_gain must be a number >= 0; got {self.pooled_gain!r}")
+        if not isinstance(self.cross_attention, bool):
+            raise ValueError(f"cross_attention must be True or False; got {self.cross_attention!r}")
+        if not self.cross_attention and not self.pooled_context:
+            raise ValueError("cross_attention = False leaves the context only the pool: it needs pooled_context = True")
         if self.pooled_gain and not self.pooled_context:
             raise ValueError("pooled_gain sets how the pool starts: it needs pooled_context = True")
         if self.pooled_context and not self.context_dim:
@@ -279,7 +284,7 @@ class UNet(nn.Module):
             return ResBlock(c_in, c_out, emb_dim, G, c.dropout, c.scale_shift, c.norm_backend)
 
         def attn(width: int) -> AttnBlock:
-            return AttnBlock(width, c.heads, G, c.context_dim, c.attn_backend)
+            return AttnBlock(width, c.heads, G, c.context_dim if c.cross_attention else 0, c.attn_backend)
 
         self.conv_in = nn.Conv2d(c.in_channels, ch, 3, padding=1)
         self.down = nn.ModuleList()

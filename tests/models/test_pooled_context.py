@@ -231,3 +231,28 @@ def test_gain_errors_name_the_option(config):
         config(context_dim=4, pooled_gain=1.0)
     with pytest.raises(ValueError, match="gain must be a number >= 0"):
         PooledContext(4, 4, gain=float("nan"))
+
+
+@pytest.mark.parametrize("arch", ["unet", "dit"])
+def test_a_caption_by_the_pool_alone(arch):
+    """``cross_attention = False``: no cross-attention layer is built, the caption still steers the output
+    through the pool, and only its real tokens count."""
+    model = make(arch, pooled_context=True, pooled_gain=1.0, cross_attention=False)
+    assert all(getattr(m, "cross", None) is None for m in model.modules())
+    assert not any("cross" in k for k in model.state_dict())
+    perturb(model, seed=5)
+    x, t = torch.randn(2, 3, 8, 8), torch.rand(2)
+    a, mask = contexts(2, 4, D_CTX, [4, 2], seed=1)
+    b, _ = contexts(2, 4, D_CTX, [4, 2], seed=2)
+    out_a = model(x, t, context=a, context_mask=mask)
+    assert not torch.allclose(out_a, model(x, t, context=b, context_mask=mask))
+    padded = torch.where(mask[:, :, None], a, 1e3 * torch.randn(2, 4, D_CTX))
+    torch.testing.assert_close(model(x, t, context=padded, context_mask=mask), out_a, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("config", [UNetConfig, DiTConfig])
+def test_cross_attention_errors_name_the_option(config):
+    with pytest.raises(ValueError, match="cross_attention = False .*needs pooled_context"):
+        config(context_dim=4, cross_attention=False)
+    with pytest.raises(ValueError, match="cross_attention must be True or False"):
+        config(context_dim=4, pooled_context=True, cross_attention="no")
