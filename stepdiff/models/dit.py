@@ -42,7 +42,16 @@ from torch import Tensor, nn
 
 from ..kernels.norm import adaln_modulate
 from .attention import Attention
-from .layers import PooledContext, TimestepEmbedder, batch_time, check_backend, check_context, check_labels, zero_
+from .layers import (
+    PooledContext,
+    TimestepEmbedder,
+    batch_time,
+    check_backend,
+    check_context,
+    check_labels,
+    check_text_routes,
+    zero_,
+)
 
 __all__ = ["DiTConfig", "DiTBlock", "FinalLayer", "DiT", "DIT_PRESETS", "sincos_position_embedding", "norm_modulate"]
 
@@ -74,20 +83,7 @@ class DiTConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer; got {value!r}")
-        if not isinstance(self.pooled_context, bool):
-            raise ValueError(f"pooled_context must be True or False; got {self.pooled_context!r}")
-        if isinstance(self.pooled_gain, bool) or not isinstance(self.pooled_gain, (int, float)) \
-                or not self.pooled_gain >= 0:
-            raise ValueError(f"pooled_gain must be a number >= 0; got {self.pooled_gain!r}")
-        if not isinstance(self.cross_attention, bool):
-            raise ValueError(f"cross_attention must be True or False; got {self.cross_attention!r}")
-        if not self.cross_attention and not self.pooled_context:
-            raise ValueError("cross_attention = False leaves the context only the pool: it needs pooled_context = True")
-        if self.pooled_gain and not self.pooled_context:
-            raise ValueError("pooled_gain sets how the pool starts: it needs pooled_context = True")
-        if self.pooled_context and not self.context_dim:
-            raise ValueError("pooled_context = True pools the context: it needs context_dim > 0 "
-                             "(a text-conditioned model)")
+        check_text_routes(self.context_dim, self.pooled_context, self.pooled_gain, self.cross_attention)
         for name in ("n_classes", "context_dim"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:

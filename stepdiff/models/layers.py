@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["timestep_embedding", "TimestepEmbedder", "PooledContext", "zero_", "batch_time", "check_labels",
-           "check_context", "check_backend"]
+           "check_context", "check_backend", "check_text_routes"]
 
 KERNEL_BACKENDS = (None, "auto", "triton", "torch")
 
@@ -157,6 +157,25 @@ def check_labels(y: Tensor | None, n_classes: int, batch: int, device: torch.dev
             f"y must lie in 0..{n_classes} (the last is the null class); got values in [{int(y.min())}, {int(y.max())}]"
         )
     return y.to(device=device, dtype=torch.long)
+
+
+def check_text_routes(context_dim: int, pooled_context, pooled_gain, cross_attention) -> None:
+    r"""Check the options of how a context reaches a model (its {class}`~stepdiff.models.unet.UNetConfig`
+    or {class}`~stepdiff.models.dit.DiTConfig` fields): ``pooled_context`` and ``cross_attention``
+    booleans, ``pooled_gain`` a number $\ge 0$ that needs the pool, no model without cross-attention
+    unless it pools, and no pool without a context (``context_dim > 0``). Errors name the option."""
+    if not isinstance(pooled_context, bool):
+        raise ValueError(f"pooled_context must be True or False; got {pooled_context!r}")
+    if isinstance(pooled_gain, bool) or not isinstance(pooled_gain, (int, float)) or not pooled_gain >= 0:
+        raise ValueError(f"pooled_gain must be a number >= 0; got {pooled_gain!r}")
+    if not isinstance(cross_attention, bool):
+        raise ValueError(f"cross_attention must be True or False; got {cross_attention!r}")
+    if not cross_attention and not pooled_context:
+        raise ValueError("cross_attention = False leaves the context only the pool: it needs pooled_context = True")
+    if pooled_gain and not pooled_context:
+        raise ValueError("pooled_gain sets how the pool starts: it needs pooled_context = True")
+    if pooled_context and not context_dim:
+        raise ValueError("pooled_context = True pools the context: it needs context_dim > 0 (a text-conditioned model)")
 
 
 def check_context(

@@ -48,7 +48,16 @@ from torch import Tensor, nn
 
 from ..kernels.norm import group_norm_silu
 from .attention import Attention
-from .layers import PooledContext, TimestepEmbedder, batch_time, check_backend, check_context, check_labels, zero_
+from .layers import (
+    PooledContext,
+    TimestepEmbedder,
+    batch_time,
+    check_backend,
+    check_context,
+    check_labels,
+    check_text_routes,
+    zero_,
+)
 
 __all__ = ["UNetConfig", "norm_silu", "ResBlock", "AttnBlock", "Downsample", "Upsample", "UNet", "UNET_PRESETS"]
 
@@ -85,20 +94,7 @@ class UNetConfig:
         self.attn_levels = tuple(self.attn_levels)
         for name in ("in_channels", "channels", "num_res_blocks", "heads", "norm_groups"):
             _positive_int(name, getattr(self, name))
-        if not isinstance(self.pooled_context, bool):
-            raise ValueError(f"pooled_context must be True or False; got {self.pooled_context!r}")
-        if isinstance(self.pooled_gain, bool) or not isinstance(self.pooled_gain, (int, float)) \
-                or not self.pooled_gain >= 0:
-            raise ValueError(f"pooled_gain must be a number >= 0; got {self.pooled_gain!r}")
-        if not isinstance(self.cross_attention, bool):
-            raise ValueError(f"cross_attention must be True or False; got {self.cross_attention!r}")
-        if not self.cross_attention and not self.pooled_context:
-            raise ValueError("cross_attention = False leaves the context only the pool: it needs pooled_context = True")
-        if self.pooled_gain and not self.pooled_context:
-            raise ValueError("pooled_gain sets how the pool starts: it needs pooled_context = True")
-        if self.pooled_context and not self.context_dim:
-            raise ValueError("pooled_context = True pools the context: it needs context_dim > 0 "
-                             "(a text-conditioned model)")
+        check_text_routes(self.context_dim, self.pooled_context, self.pooled_gain, self.cross_attention)
         for name in ("n_classes", "context_dim"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:

@@ -13,19 +13,11 @@ from stepdiff.models.layers import PooledContext
 from stepdiff.schedules import FlowMatchingSchedule
 from stepdiff.train import diffusion_loss
 
-from .test_unet import _images, contexts, perturb
+from .test_unet import _images, _one_thread, contexts, perturb  # noqa: F401 (_one_thread: autouse fixture)
 
 UNET = dict(channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_levels=(1,), heads=2, norm_groups=4)
 DIT = dict(hidden=16, depth=2, heads=2, patch_size=2, freq_dim=16)
 D_CTX = 5
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def make(arch: str, seed: int = 0, **changes):
