@@ -116,7 +116,12 @@ def test_scalar_time_is_broadcast_and_time_matters():
 
 def test_attention_layers_match_the_reference_path():
     """The whole UNet, self- and cross-attention with a padded context, with the Triton kernels (the
-    interpreter on a CPU) against the PyTorch reference: outputs and every gradient agree in fp32."""
+    interpreter on a CPU) against the PyTorch reference: outputs and every gradient agree in fp32.
+
+    The absolute tolerance scales with each tensor's largest entry: a weight gradient's entry is a sum
+    of many products about that large, so its fp32 rounding error is set by the summands, not by the
+    (possibly cancelled, near-zero) sum. With a fixed ``atol = 1e-5``, 2 of 30 random draws failed on
+    one near-zero entry of a conv gradient whose entries reach 20 (an error of 6e-7 of the scale)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tri = perturb(make(channels=8, context_dim=6, attn_backend="triton")).to(device)
     ref = make(channels=8, context_dim=6, attn_backend="torch").to(device)
@@ -131,9 +136,8 @@ def test_attention_layers_match_the_reference_path():
         out.square().sum().backward()
         outs.append(out)
         grads.append([xi.grad, ci.grad] + [p.grad for p in model.parameters()])
-    torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-5)
-    for g_tri, g_ref in zip(grads[0], grads[1], strict=True):
-        torch.testing.assert_close(g_tri, g_ref, rtol=1e-4, atol=1e-5)
+    for got, want in zip([outs[0], *grads[0]], [outs[1], *grads[1]], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * max(1.0, float(want.detach().abs().max())))
 
 
 def test_padding_tokens_change_nothing():
