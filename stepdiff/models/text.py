@@ -58,17 +58,20 @@ class TextEncoder(nn.Module):
     context is $\mathrm{LN}(h^{(n)})$; the mask is true where $\mathrm{id}_i \ne$ ``pad_id``.
 
     - ``vocab_size``: ids lie in ``0..vocab_size - 1``; ``pad_id`` is the padding id.
-    - ``dim``, ``depth``, ``heads``: width, number of blocks and attention heads.
+    - ``dim``, ``depth``, ``heads``: width, number of blocks and attention heads. ``depth = 0`` is no
+      transformer at all: each token's context is $\mathrm{LN}(E[\mathrm{id}_i] + P[i])$, a free,
+      normalised row per word and place that no other token changes (a lookup, as a class label is).
     - ``max_len``: the most tokens a row may have (the learned position table's size).
     """
 
     def __init__(self, vocab_size: int, dim: int = 64, depth: int = 2, heads: int = 4, max_len: int = 32, *,
                  pad_id: int = 0, mlp_ratio: float = 4.0, attn_backend: str | None = None) -> None:
         super().__init__()
-        for name, value in (("vocab_size", vocab_size), ("dim", dim), ("depth", depth), ("heads", heads),
-                            ("max_len", max_len)):
+        for name, value in (("vocab_size", vocab_size), ("dim", dim), ("heads", heads), ("max_len", max_len)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer; got {value!r}")
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
+            raise ValueError(f"depth must be an integer >= 0 (0: no transformer blocks); got {depth!r}")
         if dim % heads:
             raise ValueError(f"heads {heads} does not divide dim {dim}")
         if not (isinstance(pad_id, int) and 0 <= pad_id < vocab_size):

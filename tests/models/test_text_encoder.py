@@ -139,6 +139,37 @@ def test_encoder_errors():
         TextEncoder(VOCAB, dim=16, heads=3)
     with pytest.raises(ValueError, match="pad_id must be a token id"):
         TextEncoder(VOCAB, pad_id=VOCAB)
+    for depth in (-1, True, 1.0):
+        with pytest.raises(ValueError, match=r"depth must be an integer >= 0"):
+            TextEncoder(VOCAB, depth=depth)
+
+
+def test_depth_zero_is_a_lookup():
+    """With no blocks each token's context is LN(E[id] + P[i]), computed here by hand in float64
+    (with LayerNorm's affine map made non-trivial); a token's vector does not depend on any other
+    token of its row, and the lookup rows learn: a gradient reaches exactly the rows used."""
+    enc = perturb(encoder(depth=0)).double()
+    with torch.no_grad():
+        enc.norm.weight.add_(0.3 * torch.randn(16, dtype=torch.float64))
+    assert len(enc.blocks) == 0
+    ids = rows([7, 4, 1], L=9, seed=3)
+    context, mask = enc(ids)
+    h = enc.token_embed.weight[ids] + enc.pos_embed.weight[: ids.shape[1]][None]
+    mu, var = h.mean(-1, keepdim=True), h.var(-1, unbiased=False, keepdim=True)
+    want = (h - mu) / torch.sqrt(var + enc.norm.eps) * enc.norm.weight + enc.norm.bias
+    torch.testing.assert_close(context, want, rtol=1e-12, atol=1e-12)
+    changed = ids.clone()
+    changed[0, 2] = 4 if int(ids[0, 2]) != 4 else 5
+    other, _ = enc(changed)
+    keep = torch.ones_like(mask)
+    keep[0, 2] = False
+    torch.testing.assert_close(other[keep], context[keep], rtol=0, atol=0)
+    assert not torch.allclose(other[0, 2], context[0, 2])
+    (context * mask[..., None]).square().sum().backward()
+    used = torch.zeros(VOCAB, dtype=torch.bool)
+    used[ids[mask]] = True
+    assert bool((enc.token_embed.weight.grad[used].abs().sum(1) > 0).all())
+    assert bool((enc.token_embed.weight.grad[~used] == 0).all())
 
 
 # --- TextConditioned -----------------------------------------------------------------------------
