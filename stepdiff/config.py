@@ -126,8 +126,9 @@ _DATA = {
 _MODEL_DIFFUSION = {"arch": "unet", "preset": "tiny", "text": {}}
 # clip: a trained CLIP (a committed model's name or a checkpoint) whose text tower, frozen, encodes the
 # captions instead of a text encoder trained with the model (dim, depth and heads are then the CLIP's);
-# tune: train that tower on with the model (from CLIP's weights) instead of keeping it frozen
-_TEXT = {"dim": 64, "depth": 2, "heads": 4, "clip": "", "tune": False}
+# tune: train that tower on with the model (from CLIP's weights) instead of keeping it frozen;
+# one_hot: no encoder, each token's context is its one-hot vector (needs depth = 0; dim is then the vocabulary size)
+_TEXT = {"dim": 64, "depth": 2, "heads": 4, "clip": "", "tune": False, "one_hot": False}
 _MODEL_CLASSIFIER = {"arch": "digits-cnn", "width": None, "feature_dim": None, "hidden": None}
 _OBJECTIVE = {
     "schedule": "vp-cosine",
@@ -405,6 +406,10 @@ def _resolve_diffusion(cfg: dict) -> None:
             raise ConfigError(f"[model.text] clip: the CLIP-conditioned model is a UNet ([model] arch = 'unet'), "
                               f"not {model['arch']!r}")
         load_part(model["text"]["clip"], "clip", "[model.text] clip")
+    if model["text"]["one_hot"] and (model["text"]["clip"] or model["text"]["depth"] != 0):
+        raise ConfigError("[model.text] one_hot = true gives each token its one-hot vector, with no encoder: it "
+                          f"needs depth = 0 and no clip; got depth {model['text']['depth']!r}, "
+                          f"clip {model['text']['clip']!r}")
     if model["text"]["tune"] and not model["text"]["clip"]:
         raise ConfigError("[model.text] tune = true fine-tunes a CLIP's text tower: it needs [model.text] clip "
                           "(a text encoder learned from scratch is always trained)")
@@ -681,7 +686,7 @@ def _model_config(cfg: dict, image_channels: int | None = None):
     if data["condition"] == "class":
         changes["n_classes"] = _n_classes(data)
     elif data["condition"] == "text":
-        changes["context_dim"] = model["text"]["dim"]
+        changes["context_dim"] = _text_dim(model["text"])
     for key, value in list(changes.items()):
         if isinstance(value, list):
             changes[key] = tuple(value)
@@ -814,11 +819,21 @@ def build_model(cfg: dict, *, seed: int | None = None) -> nn.Module:
 
         tok, text = Tokenizer(), cfg["model"]["text"]
         try:
-            encoder = TextEncoder(tok.vocab_size, text["dim"], text["depth"], text["heads"], tok.max_len,
-                                  pad_id=tok.pad_id)
+            encoder = TextEncoder(tok.vocab_size, _text_dim(text), text["depth"], text["heads"], tok.max_len,
+                                  pad_id=tok.pad_id, one_hot=text["one_hot"])
         except ValueError as err:
             raise ConfigError(f"[model.text]: {err}") from None
         return TextConditioned(net, encoder, tok.pad_id, tok.empty(1)[0])
+
+
+def _text_dim(text: dict) -> int:
+    """The width of the context a ``[model.text]`` table gives: its ``dim``, or the caption vocabulary's
+    size for one-hot tokens."""
+    if text["one_hot"]:
+        from .text import Tokenizer
+
+        return Tokenizer().vocab_size
+    return text["dim"]
 
 
 def _record(source: str) -> dict:

@@ -62,21 +62,34 @@ class TextEncoder(nn.Module):
       transformer at all: each token's context is $\mathrm{LN}(E[\mathrm{id}_i] + P[i])$, a free,
       normalised row per word and place that no other token changes (a lookup, as a class label is).
     - ``max_len``: the most tokens a row may have (the learned position table's size).
+    - ``one_hot``: no parameters at all: token $i$'s context is the one-hot vector $e_{\mathrm{id}_i}$
+      (zero at padding), so ``dim`` must be ``vocab_size`` and ``depth`` 0. A linear map of it is a
+      free row per word, and a map of the mean over a row's tokens is a bag of words.
     """
 
     def __init__(self, vocab_size: int, dim: int = 64, depth: int = 2, heads: int = 4, max_len: int = 32, *,
-                 pad_id: int = 0, mlp_ratio: float = 4.0, attn_backend: str | None = None) -> None:
+                 pad_id: int = 0, mlp_ratio: float = 4.0, attn_backend: str | None = None,
+                 one_hot: bool = False) -> None:
         super().__init__()
         for name, value in (("vocab_size", vocab_size), ("dim", dim), ("heads", heads), ("max_len", max_len)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer; got {value!r}")
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
             raise ValueError(f"depth must be an integer >= 0 (0: no transformer blocks); got {depth!r}")
-        if dim % heads:
+        if not isinstance(one_hot, bool):
+            raise ValueError(f"one_hot must be true or false; got {one_hot!r}")
+        if one_hot and (depth != 0 or dim != vocab_size):
+            raise ValueError(f"one_hot needs depth 0 and dim = vocab_size ({vocab_size}); got depth {depth}, dim {dim}")
+        if depth and dim % heads:
             raise ValueError(f"heads {heads} does not divide dim {dim}")
         if not (isinstance(pad_id, int) and 0 <= pad_id < vocab_size):
             raise ValueError(f"pad_id must be a token id in 0..{vocab_size - 1}; got {pad_id!r}")
         self.vocab_size, self.dim, self.max_len, self.pad_id = vocab_size, dim, max_len, pad_id
+        self.one_hot = one_hot
+        if one_hot:
+            self.blocks = nn.ModuleList()
+            return
+        # This order of construction fixes which random numbers each weight draws for a seed.
         self.token_embed = nn.Embedding(vocab_size, dim)
         self.pos_embed = nn.Embedding(max_len, dim)
         self.blocks = nn.ModuleList(TextBlock(dim, heads, mlp_ratio, attn_backend) for _ in range(depth))
@@ -86,6 +99,8 @@ class TextEncoder(nn.Module):
 
     def forward(self, ids: Tensor) -> tuple[Tensor, Tensor]:
         mask = self._check(ids)
+        if self.one_hot:
+            return F.one_hot(ids, self.vocab_size).float() * mask[..., None], mask
         L = ids.shape[1]
         h = self.token_embed(ids) + self.pos_embed(torch.arange(L, device=ids.device))[None]
         for block in self.blocks:

@@ -172,6 +172,53 @@ def test_depth_zero_is_a_lookup():
     assert bool((enc.token_embed.weight.grad[~used] == 0).all())
 
 
+def test_one_hot_tokens():
+    """``one_hot``: the context is the one-hot row of each real token and zero at padding, with no
+    parameters; a linear map of it is then a free row per word (column ``id`` of the map)."""
+    enc = TextEncoder(VOCAB, dim=VOCAB, depth=0, max_len=12, one_hot=True)
+    assert sum(p.numel() for p in enc.parameters()) == 0
+    ids = rows([6, 3, 1], L=8, seed=5)
+    context, mask = enc(ids)
+    want = torch.zeros(3, 8, VOCAB)
+    for b in range(3):
+        for i in range(8):
+            if ids[b, i] != PAD:
+                want[b, i, ids[b, i]] = 1.0
+    assert torch.equal(context, want) and torch.equal(mask, ids != PAD)
+    w = torch.randn(5, VOCAB)
+    assert torch.equal(context[0, 1] @ w.T, w[:, ids[0, 1]])
+    for kw, match in ((dict(dim=VOCAB, depth=1), "one_hot needs depth 0"), (dict(dim=16, depth=0), "dim = vocab_size"),
+                      (dict(dim=VOCAB, depth=0, one_hot=1), "one_hot must be true or false")):
+        with pytest.raises(ValueError, match=match):
+            TextEncoder(VOCAB, **{"one_hot": True, **kw})
+
+
+def test_one_hot_configuration():
+    """``[model.text] one_hot = true`` (with depth = 0 and no CLIP) gives the denoiser a context as wide as
+    the caption vocabulary, and a pool whose column per word is that word's own row; a one-hot table with
+    blocks or a CLIP tower is an error naming the option."""
+    from stepdiff.config import ConfigError, build_model, load_config, resolve, set_value
+    from stepdiff.text import Tokenizer
+
+    def config(*assignments):
+        raw = load_config("shapes-pixel-t2i")
+        for a in ('model.text.clip=""', *assignments):
+            raw = set_value(raw, a)
+        return resolve(raw)
+
+    model = build_model(config("model.text.one_hot=true", "model.text.depth=0", "model.pooled_context=true"))
+    vocab = Tokenizer().vocab_size
+    assert model.encoder.one_hot and model.denoiser.config.context_dim == vocab
+    assert model.denoiser.pooled.weight.shape[1] == vocab
+    ids = Tokenizer().encode(["a circle", "a large red star at the top"])
+    context, _ = model.encoder(ids)
+    assert torch.equal(context.sum(-1), (ids != 0).float())
+    for bad in (("model.text.one_hot=true",), ("model.text.one_hot=true", "model.text.depth=0",
+                                                 'model.text.clip="shapes-clip"')):
+        with pytest.raises(ConfigError, match=r"\[model.text\] one_hot"):
+            config(*bad)
+
+
 # --- TextConditioned -----------------------------------------------------------------------------
 
 
