@@ -22,6 +22,13 @@ A run that removes the sentence tells them apart:
   for 2000 steps (``--set train.steps=2000``, the cosine decay stretched with it; about 30 CPU
   minutes each), measured every 400 steps; and a caption read by a text encoder with no
   transformer blocks (``--set model.text.depth=0``: one free row per word and place).
+- One-hot words: no text encoder at all (``--set model.text.depth=0 --set model.text.one_hot=true``),
+  so the pool is a bag of words and each word has its own column of the pool's map, as a label has
+  its own row; pool only, 800 steps, from a zero map (the default) and from a random map whose
+  word columns move the time embedding about as much as a class embedding does
+  (``--set model.pooled_gain=24.0``: 4 real tokens of "a circle", 37 words, so
+  $g = 4\sqrt{37}$), the latter also for 2000 steps; and the committed model's recipe (one and two
+  objects, full captions, cross-attention and pool) with one-hot words (``shapes-t2i-one-hot``).
 
 **Measured** alike for both: 200 images (the class model: each shape 25 times; a text model: the
 first 200 one-object held-out captions), Heun with 15 steps, $w = 3$, seed 0 (the settings of
