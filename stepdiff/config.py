@@ -127,8 +127,9 @@ _MODEL_DIFFUSION = {"arch": "unet", "preset": "tiny", "text": {}}
 # clip: a trained CLIP (a committed model's name or a checkpoint) whose text tower, frozen, encodes the
 # captions instead of a text encoder trained with the model (dim, depth and heads are then the CLIP's);
 # tune: train that tower on with the model (from CLIP's weights) instead of keeping it frozen;
-# one_hot: no encoder, each token's context is its one-hot vector (needs depth = 0; dim is then the vocabulary size)
-_TEXT = {"dim": 64, "depth": 2, "heads": 4, "clip": "", "tune": False, "one_hot": False}
+# one_hot: no encoder, each token's context is its one-hot vector (needs depth = 0; dim is then the vocabulary size);
+# word_rows: also a free N(0, 1) row per word, summed over the caption, added to the UNet's time embedding
+_TEXT = {"dim": 64, "depth": 2, "heads": 4, "clip": "", "tune": False, "one_hot": False, "word_rows": False}
 _MODEL_CLASSIFIER = {"arch": "digits-cnn", "width": None, "feature_dim": None, "hidden": None}
 _OBJECTIVE = {
     "schedule": "vp-cosine",
@@ -410,6 +411,12 @@ def _resolve_diffusion(cfg: dict) -> None:
         raise ConfigError("[model.text] one_hot = true gives each token its one-hot vector, with no encoder: it "
                           f"needs depth = 0 and no clip; got depth {model['text']['depth']!r}, "
                           f"clip {model['text']['clip']!r}")
+    if model["text"]["word_rows"] and data["condition"] != "text":
+        raise ConfigError("[model.text] word_rows = true adds the caption's words: it needs [data] condition = "
+                          f"'text', not {data['condition']!r}")
+    if model["text"]["word_rows"] and model["arch"] != "unet":
+        raise ConfigError(f"[model.text] word_rows = true adds to a UNet's time embedding: it needs [model] arch = "
+                          f"'unet', not {model['arch']!r}")
     if model["text"]["tune"] and not model["text"]["clip"]:
         raise ConfigError("[model.text] tune = true fine-tunes a CLIP's text tower: it needs [model.text] clip "
                           "(a text encoder learned from scratch is always trained)")
@@ -807,7 +814,8 @@ def build_model(cfg: dict, *, seed: int | None = None) -> nn.Module:
             from .pipelines import latent_text_model
 
             clip = load_part(cfg["model"]["text"]["clip"], "clip", "[model.text] clip")
-            return latent_text_model(clip, config, freeze_encoder=not cfg["model"]["text"]["tune"])
+            return latent_text_model(clip, config, freeze_encoder=not cfg["model"]["text"]["tune"],
+                                     word_rows=cfg["model"]["text"]["word_rows"])
         net = (UNet if cfg["model"]["arch"] == "unet" else DiT)(config)
         if inpaint:
             from .editing import MaskedInputDenoiser
@@ -823,7 +831,7 @@ def build_model(cfg: dict, *, seed: int | None = None) -> nn.Module:
                                   pad_id=tok.pad_id, one_hot=text["one_hot"])
         except ValueError as err:
             raise ConfigError(f"[model.text]: {err}") from None
-        return TextConditioned(net, encoder, tok.pad_id, tok.empty(1)[0])
+        return TextConditioned(net, encoder, tok.pad_id, tok.empty(1)[0], word_rows=text["word_rows"])
 
 
 def _text_dim(text: dict) -> int:

@@ -70,7 +70,8 @@ def freeze(module: nn.Module) -> nn.Module:
 
 
 def latent_text_model(text_encoder: TextEncoder | CLIP, config: UNetConfig, *,
-                      tokenizer: Tokenizer | None = None, freeze_encoder: bool = True) -> TextConditioned:
+                      tokenizer: Tokenizer | None = None, freeze_encoder: bool = True,
+                      word_rows: bool = False) -> TextConditioned:
     r"""A text-conditioned {class}`~stepdiff.models.unet.UNet` whose context is the (frozen) text encoder's
     per-token output: ``model(z, t, y=token_ids)`` $= f_\theta\big(z_t, t, E(c)\big)$ with the encoder
     $E$ fixed.
@@ -83,6 +84,8 @@ def latent_text_model(text_encoder: TextEncoder | CLIP, config: UNetConfig, *,
     ``freeze_encoder`` the encoder's parameters get no gradient (Stable Diffusion keeps its CLIP
     text encoder fixed), so {func}`stepdiff.train.train` updates the UNet alone; without it the
     encoder trains on with the UNet from the weights it has (fine-tuning), even if it came frozen.
+    ``word_rows``: also a trained {class}`~stepdiff.models.text.WordRows` bag of words in the time
+    embedding, beside the frozen encoder's tokens.
     """
     encoder = text_encoder.text_encoder if isinstance(text_encoder, CLIP) else text_encoder
     if not isinstance(encoder, TextEncoder):
@@ -98,7 +101,7 @@ def latent_text_model(text_encoder: TextEncoder | CLIP, config: UNetConfig, *,
         freeze(encoder)
     else:
         encoder.requires_grad_(True)
-    return TextConditioned(unet, encoder, tokenizer.pad_id, tokenizer.empty(1)[0])
+    return TextConditioned(unet, encoder, tokenizer.pad_id, tokenizer.empty(1)[0], word_rows=word_rows)
 
 
 @torch.no_grad()

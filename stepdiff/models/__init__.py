@@ -7,7 +7,7 @@ from .clip import CLIP, CLIPConfig, clip_score, contrastive_loss, retrieval_accu
 from .controlnet import ControlNet, ControlNetConfig
 from .dit import DIT_PRESETS, DiT, DiTConfig
 from .mlp import MLP, MLPConfig
-from .text import TextConditioned, TextEncoder
+from .text import TextConditioned, TextEncoder, WordRows
 from .unet import UNET_PRESETS, UNet, UNetConfig
 from .vae import ELBO, VAE, VAEConfig
 
@@ -23,6 +23,7 @@ __all__ = [
     "DIT_PRESETS",
     "TextEncoder",
     "TextConditioned",
+    "WordRows",
     "CLIP",
     "CLIPConfig",
     "contrastive_loss",

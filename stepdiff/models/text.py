@@ -129,6 +129,36 @@ class TextEncoder(nn.Module):
         return mask
 
 
+class WordRows(nn.Module):
+    r"""A caption as a bag of free word vectors for the time embedding, as a class label is one:
+    $b = \sum_{i:\,\mathrm{id}_i \ne \mathrm{pad}} R[\mathrm{id}_i]$ with $R \in \mathbb R^{V \times D}$
+    drawn from $\mathcal N(0, 1)$, as {class}`torch.nn.Embedding` draws a class embedding.
+
+    Each word has its own row, moved only by the captions that hold it, and each row moves the time
+    embedding by a unit-size vector from the first step, as a label's row does. (A pool $W\bar c$ of
+    a dense code shares every entry of $W$ among all words; chapter II.9 measures the difference.)
+    The sum, not the mean, keeps a word's share independent of the caption's length. Rows are summed
+    in float32. ``ids``: ``[B, L]`` token rows, right-padded with ``pad_id``; returns ``[B, dim]``.
+    """
+
+    def __init__(self, vocab_size: int, dim: int, pad_id: int) -> None:
+        super().__init__()
+        for name, value in (("vocab_size", vocab_size), ("dim", dim)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer; got {value!r}")
+        if not (isinstance(pad_id, int) and not isinstance(pad_id, bool) and 0 <= pad_id < vocab_size):
+            raise ValueError(f"pad_id must be a token id in 0..{vocab_size - 1}; got {pad_id!r}")
+        self.pad_id = pad_id
+        self.rows = nn.Embedding(vocab_size, dim)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        if not isinstance(ids, Tensor) or ids.ndim != 2 or ids.dtype not in (torch.int32, torch.int64):
+            desc = f"{ids.dtype} {tuple(ids.shape)}" if isinstance(ids, Tensor) else type(ids).__name__
+            raise ValueError(f"ids must be token rows [B, L] of integer ids; got {desc}")
+        real = (ids != self.pad_id)[..., None].float()
+        return (self.rows(ids.long()).float() * real).sum(1)
+
+
 class TextConditioned(nn.Module):
     r"""``model(x, t, y=token_ids)`` $=$ ``denoiser(x, t, context=c, context_mask=m)`` with
     ``(c, m) = encoder(token_ids)``.
@@ -138,12 +168,22 @@ class TextConditioned(nn.Module):
     - ``null_ids``: the token row of the empty caption (``[L0]`` or ``[1, L0]``, at least one real
       token), used for ``y=None`` and for every row of ``y`` that is all padding.
 
+    - ``word_rows``: also add a {class}`WordRows` bag of the caption's words to the denoiser's time
+      embedding (a {class}`~stepdiff.models.unet.UNet`: ``embedding=``). It is made last, so the
+      other weights are what the seed draws without it.
+
     ``y``: ``[B, L]`` token rows, right-padded with ``pad_id``. Columns that are padding in every
     row are dropped before encoding (padding changes nothing, so this only saves work).
     """
 
-    def __init__(self, denoiser: nn.Module, encoder: TextEncoder, pad_id: int, null_ids: Tensor) -> None:
+    def __init__(self, denoiser: nn.Module, encoder: TextEncoder, pad_id: int, null_ids: Tensor, *,
+                 word_rows: bool = False) -> None:
         super().__init__()
+        if not isinstance(word_rows, bool):
+            raise ValueError(f"word_rows must be True or False; got {word_rows!r}")
+        if word_rows and not isinstance(getattr(denoiser, "embed_dim", None), int):
+            raise ValueError(f"word_rows adds to the denoiser's time embedding, which needs a UNet; got a "
+                             f"{type(denoiser).__name__}")
         width = getattr(getattr(denoiser, "config", None), "context_dim", None)
         if width != encoder.dim:
             raise ValueError(f"the denoiser's context_dim ({width}) must equal the encoder's dim ({encoder.dim})")
@@ -158,6 +198,7 @@ class TextConditioned(nn.Module):
         encoder._check(null_ids[None])  # in range, right-padded, at least one real token
         self.denoiser, self.encoder, self.pad_id = denoiser, encoder, pad_id
         self.register_buffer("null_ids", null_ids.long().clone())
+        self.word_rows = WordRows(encoder.vocab_size, denoiser.embed_dim, pad_id) if word_rows else None
 
     @property
     def null_class(self) -> int:
@@ -192,8 +233,11 @@ class TextConditioned(nn.Module):
             raise ValueError("a TextConditioned model makes its context from the token rows y; pass y, not context")
         if not isinstance(x, Tensor) or x.ndim < 1:
             raise ValueError(f"x must be a batch tensor [B, ...]; got {type(x).__name__}")
-        context, context_mask = self.encoder(self.captions(y, x.shape[0], x.device))
-        return self.denoiser(x, t, context=context, context_mask=context_mask)
+        ids = self.captions(y, x.shape[0], x.device)
+        context, context_mask = self.encoder(ids)
+        if self.word_rows is None:
+            return self.denoiser(x, t, context=context, context_mask=context_mask)
+        return self.denoiser(x, t, context=context, context_mask=context_mask, embedding=self.word_rows(ids))
 
     def num_parameters(self) -> int:
         """The number of trainable parameters (encoder and denoiser)."""

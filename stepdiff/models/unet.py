@@ -261,8 +261,10 @@ class UNet(nn.Module):
     ``forward(x, t, y=None, context=None, context_mask=None)``: ``x`` ``[B, in_channels, H, W]``
     with $H, W$ divisible by $2^{\text{levels}-1}$; ``t`` a float or ``[B]``; ``y`` ``[B]`` labels in
     $0..$ ``n_classes`` (``None``: the null class); ``context`` ``[B, L, context_dim]`` and
-    ``context_mask`` ``[B, L]`` (bool, padding on the right) when ``context_dim > 0``. Returns a
-    tensor shaped like ``x``: exactly zero at initialisation (zero output convolution).
+    ``context_mask`` ``[B, L]`` (bool, padding on the right) when ``context_dim > 0``; ``embedding``
+    ``[B, embed_dim]`` (optional) is added to the time embedding as a class embedding is (a
+    {class}`~stepdiff.models.text.WordRows` bag of words). Returns a tensor shaped like ``x``:
+    exactly zero at initialisation (zero output convolution).
     """
 
     def __init__(self, config: UNetConfig | None = None, **kwargs) -> None:
@@ -273,6 +275,7 @@ class UNet(nn.Module):
             raise TypeError("pass either a config or keyword arguments, not both")
         self.config = c = config
         ch, G, emb_dim = c.channels, c.norm_groups, 4 * c.channels
+        self.embed_dim = emb_dim  # the width of the time embedding every block reads
         self.time_embed = TimestepEmbedder(ch, emb_dim)
         self.class_embed = nn.Embedding(c.n_classes + 1, emb_dim) if c.n_classes else None
 
@@ -335,13 +338,22 @@ class UNet(nn.Module):
         return self.config.n_classes if self.config.n_classes > 0 else None
 
     def forward(self, x: Tensor, t: Tensor | float, y: Tensor | None = None,
-                context: Tensor | None = None, context_mask: Tensor | None = None) -> Tensor:
+                context: Tensor | None = None, context_mask: Tensor | None = None, *,
+                embedding: Tensor | None = None) -> Tensor:
         self._check_image(x)
         B = x.shape[0]
         emb = self.time_embed(batch_time(t, B, x.device))
         y = check_labels(y, self.config.n_classes, B, x.device)
         if y is not None:
             emb = emb + self.class_embed(y)
+        if embedding is not None:
+            if not isinstance(embedding, Tensor) or embedding.shape != (B, self.embed_dim) \
+                    or not embedding.is_floating_point():
+                desc = f"{embedding.dtype} {tuple(embedding.shape)}" if isinstance(embedding, Tensor) \
+                    else type(embedding).__name__
+                raise ValueError(f"embedding must be a float tensor [{B}, {self.embed_dim}] (the batch, the time "
+                                 f"embedding's width); got {desc}")
+            emb = emb + embedding.to(emb.dtype)
         context, context_mask = check_context(context, context_mask, self.config.context_dim, B)
         if self.pooled is not None:
             emb = emb + self.pooled(context, context_mask).to(emb.dtype)
