@@ -32,6 +32,9 @@ A run that removes the sentence tells them apart:
 - CLIP's shape word through the pool alone from a random start (``--set model.pooled_gain=1.0``
   and ``4.0``; at gain 4 every pair of shape words starts at least as far apart as two label rows),
   800 steps.
+- Word rows beside CLIP's tokens (``--set model.text.word_rows=true``: a free N(0, 1) row per word,
+  summed into the time embedding), 800 steps: on one-object shape captions
+  (``shapes-t2i-shape-word-word-rows``), and in the committed recipe (``shapes-t2i-word-rows``).
 
 **Measured** alike for both: 200 images (the class model: each shape 25 times; a text model: the
 first 200 one-object held-out captions), Heun with 15 steps, $w = 3$, seed 0 (the settings of
