@@ -28,6 +28,12 @@ And two runs that keep the frozen tower and change where the denoiser reads it:
   (``--set model.pooled_context=true``), so the sentence also reaches every residual block, as
   SDXL's pooled text vector does.
 
+And two that keep all of the frozen run and add a free, N(0, 1)-started row per caption word to the
+time embedding, as a class label's row is added (``--set model.text.word_rows=true``; chapter II.9,
+"A free row per word"): ``word-rows`` for the 800 steps of the others, and ``word-rows-2000`` for
+2000 (``--set train.steps=2000``, the cosine decay stretched to the new end; ``--set
+'name="shapes-t2i-word-rows-2000"'``, snapshots every 400 steps).
+
 Each snapshot's entry keeps its run's recorded ``stepdiff train`` command (``train_command``).
 
 **Measured** exactly as ``benchmarks/latent_vs_pixel.py`` measures the frozen run, by its own code
@@ -63,7 +69,8 @@ from stepdiff import checkpoints  # noqa: E402
 
 DEFAULT_OUT = ROOT / "stepdiff" / "results" / "text_tower.json"
 ARMS = {"tuned": "shapes-t2i-tuned", "scratch": "shapes-t2i-scratch", "attn16": "shapes-t2i-attn16",
-        "pooled": "shapes-t2i-pooled"}  # arm -> run name
+        "pooled": "shapes-t2i-pooled", "word-rows": "shapes-t2i-word-rows",
+        "word-rows-2000": "shapes-t2i-word-rows-2000"}  # arm -> run name
 
 
 def _store(out: Path, settings: dict, reference: dict, arm: str, entry: dict, command: dict) -> None:
