@@ -32,7 +32,9 @@ And two that keep all of the frozen run and add a free, N(0, 1)-started row per 
 time embedding, as a class label's row is added (``--set model.text.word_rows=true``; chapter II.9,
 "A free row per word"): ``word-rows`` for the 800 steps of the others, and ``word-rows-2000`` for
 2000 (``--set train.steps=2000``, the cosine decay stretched to the new end; ``--set
-'name="shapes-t2i-word-rows-2000"'``, snapshots every 400 steps).
+'name="shapes-t2i-word-rows-2000"'``, snapshots every 400 steps). And ``one-object-word-rows-2000``:
+the same 2000 steps with word rows on scenes of one object only (``--set 'data.n_objects=[1, 1]'``),
+whose one-object scenes are the test of the single-object target.
 
 Each snapshot's entry keeps its run's recorded ``stepdiff train`` command (``train_command``).
 
@@ -70,7 +72,8 @@ from stepdiff import checkpoints  # noqa: E402
 DEFAULT_OUT = ROOT / "stepdiff" / "results" / "text_tower.json"
 ARMS = {"tuned": "shapes-t2i-tuned", "scratch": "shapes-t2i-scratch", "attn16": "shapes-t2i-attn16",
         "pooled": "shapes-t2i-pooled", "word-rows": "shapes-t2i-word-rows",
-        "word-rows-2000": "shapes-t2i-word-rows-2000"}  # arm -> run name
+        "word-rows-2000": "shapes-t2i-word-rows-2000",
+        "one-object-word-rows-2000": "shapes-t2i-one-object-word-rows-2000"}  # arm -> run name
 
 
 def _store(out: Path, settings: dict, reference: dict, arm: str, entry: dict, command: dict) -> None:
