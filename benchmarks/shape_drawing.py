@@ -34,7 +34,10 @@ A run that removes the sentence tells them apart:
   800 steps.
 - Word rows beside CLIP's tokens (``--set model.text.word_rows=true``: a free N(0, 1) row per word,
   summed into the time embedding), 800 steps: on one-object shape captions
-  (``shapes-t2i-shape-word-word-rows``), and in the committed recipe (``shapes-t2i-word-rows``).
+  (``shapes-t2i-shape-word-word-rows``), and in the committed recipe (``shapes-t2i-word-rows``);
+  the committed recipe with word rows also for 2000 steps, measured every 400
+  (``shapes-t2i-word-rows-2000``), and on one-object scenes only
+  (``shapes-t2i-one-object-word-rows-2000``, ``--set 'data.n_objects=[1, 1]'``).
 
 **Measured** alike for both: 200 images (the class model: each shape 25 times; a text model: the
 first 200 one-object held-out captions), Heun with 15 steps, $w = 3$, seed 0 (the settings of
