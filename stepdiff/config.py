@@ -128,8 +128,11 @@ _MODEL_DIFFUSION = {"arch": "unet", "preset": "tiny", "text": {}}
 # captions instead of a text encoder trained with the model (dim, depth and heads are then the CLIP's);
 # tune: train that tower on with the model (from CLIP's weights) instead of keeping it frozen;
 # one_hot: no encoder, each token's context is its one-hot vector (needs depth = 0; dim is then the vocabulary size);
-# word_rows: also a free N(0, 1) row per word, summed over the caption, added to the UNet's time embedding
-_TEXT = {"dim": 64, "depth": 2, "heads": 4, "clip": "", "tune": False, "one_hot": False, "word_rows": False}
+# word_rows: also a free N(0, 1) row per word, summed over the caption, added to the UNet's time embedding;
+# word_row_objects: with word_rows, a separate table of rows for each of the caption's first k objects
+# (an object's words run from its "a"/"an" to the next one's), so the sum keeps which object has which word
+_TEXT = {"dim": 64, "depth": 2, "heads": 4, "clip": "", "tune": False, "one_hot": False, "word_rows": False,
+         "word_row_objects": 1}
 _MODEL_CLASSIFIER = {"arch": "digits-cnn", "width": None, "feature_dim": None, "hidden": None}
 _OBJECTIVE = {
     "schedule": "vp-cosine",
@@ -414,6 +417,10 @@ def _resolve_diffusion(cfg: dict) -> None:
     if model["text"]["word_rows"] and data["condition"] != "text":
         raise ConfigError("[model.text] word_rows = true adds the caption's words: it needs [data] condition = "
                           f"'text', not {data['condition']!r}")
+    objects = model["text"]["word_row_objects"]
+    if objects < 1 or (objects > 1 and not model["text"]["word_rows"]):
+        raise ConfigError(f"[model.text] word_row_objects must be a positive integer, and above 1 only with "
+                          f"word_rows = true; got {objects!r} (word_rows = {model['text']['word_rows']!r})")
     if model["text"]["word_rows"] and model["arch"] != "unet":
         raise ConfigError(f"[model.text] word_rows = true adds to a UNet's time embedding: it needs [model] arch = "
                           f"'unet', not {model['arch']!r}")
@@ -815,7 +822,8 @@ def build_model(cfg: dict, *, seed: int | None = None) -> nn.Module:
 
             clip = load_part(cfg["model"]["text"]["clip"], "clip", "[model.text] clip")
             return latent_text_model(clip, config, freeze_encoder=not cfg["model"]["text"]["tune"],
-                                     word_rows=cfg["model"]["text"]["word_rows"])
+                                     word_rows=cfg["model"]["text"]["word_rows"],
+                                     word_row_objects=cfg["model"]["text"]["word_row_objects"])
         net = (UNet if cfg["model"]["arch"] == "unet" else DiT)(config)
         if inpaint:
             from .editing import MaskedInputDenoiser
@@ -831,7 +839,8 @@ def build_model(cfg: dict, *, seed: int | None = None) -> nn.Module:
                                   pad_id=tok.pad_id, one_hot=text["one_hot"])
         except ValueError as err:
             raise ConfigError(f"[model.text]: {err}") from None
-        return TextConditioned(net, encoder, tok.pad_id, tok.empty(1)[0], word_rows=text["word_rows"])
+        return TextConditioned(net, encoder, tok.pad_id, tok.empty(1)[0], word_rows=text["word_rows"],
+                               word_row_objects=text["word_row_objects"], object_start_ids=tok.article_ids)
 
 
 def _text_dim(text: dict) -> int:

@@ -51,6 +51,11 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return len(self.tokens)
 
+    @property
+    def article_ids(self) -> tuple[int, ...]:
+        """The ids of "a" and "an": each object of a caption opens with one (see {mod}`stepdiff.shapes`)."""
+        return tuple(self.ids[w] for w in ("a", "an") if w in self.ids)
+
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, max_len={self.max_len})"
 

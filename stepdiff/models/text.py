@@ -20,6 +20,8 @@ classifier-free guidance work on token rows as they do on labels.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -139,24 +141,50 @@ class WordRows(nn.Module):
     a dense code shares every entry of $W$ among all words; chapter II.9 measures the difference.)
     The sum, not the mean, keeps a word's share independent of the caption's length. Rows are summed
     in float32. ``ids``: ``[B, L]`` token rows, right-padded with ``pad_id``; returns ``[B, dim]``.
+
+    **Rows per object** (``objects`` $= K > 1$): a bag of all the caption's words cannot say which
+    colour belongs to which shape ("a red circle left of a blue square" and "a blue circle left of a
+    red square" give the same sum). With $K$ tables, the words of the caption's $k$-th object, from
+    its opening token (one of ``start_ids``, the articles "a"/"an") up to the next object's, take
+    their rows from table $k$: $b = \sum_i R_{k_i}[\mathrm{id}_i]$, $k_i = \min(K, \#\{j \le i:
+    \mathrm{id}_j \in \text{starts}\}) - 1$, floored at 0 (``<bos>`` joins the first object). So "red"
+    of the first object and "red" of the second are different vectors, and the sum keeps who has
+    which attribute. $K = 1$ is the plain bag above, with the same parameters and the same draw.
     """
 
-    def __init__(self, vocab_size: int, dim: int, pad_id: int) -> None:
+    def __init__(self, vocab_size: int, dim: int, pad_id: int, *, objects: int = 1,
+                 start_ids: Sequence[int] = ()) -> None:
         super().__init__()
-        for name, value in (("vocab_size", vocab_size), ("dim", dim)):
+        for name, value in (("vocab_size", vocab_size), ("dim", dim), ("objects", objects)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer; got {value!r}")
         if not (isinstance(pad_id, int) and not isinstance(pad_id, bool) and 0 <= pad_id < vocab_size):
             raise ValueError(f"pad_id must be a token id in 0..{vocab_size - 1}; got {pad_id!r}")
-        self.pad_id = pad_id
-        self.rows = nn.Embedding(vocab_size, dim)
+        start_ids = tuple(start_ids)
+        if objects > 1 and not start_ids:
+            raise ValueError(f"start_ids must name the tokens that open an object when objects = {objects} > 1")
+        if any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab_size or i == pad_id
+               for i in start_ids):
+            raise ValueError(f"start_ids must be token ids in 0..{vocab_size - 1} other than pad_id; "
+                             f"got {start_ids!r}")
+        self.pad_id, self.objects, self.vocab_size = pad_id, objects, vocab_size
+        self.register_buffer("start_ids", torch.tensor(start_ids, dtype=torch.long), persistent=False)
+        self.rows = nn.Embedding(objects * vocab_size, dim)
 
     def forward(self, ids: Tensor) -> Tensor:
         if not isinstance(ids, Tensor) or ids.ndim != 2 or ids.dtype not in (torch.int32, torch.int64):
             desc = f"{ids.dtype} {tuple(ids.shape)}" if isinstance(ids, Tensor) else type(ids).__name__
             raise ValueError(f"ids must be token rows [B, L] of integer ids; got {desc}")
+        ids = ids.long()
         real = (ids != self.pad_id)[..., None].float()
-        return (self.rows(ids.long()).float() * real).sum(1)
+        return (self.rows(ids + self.object_index(ids) * self.vocab_size).float() * real).sum(1)
+
+    def object_index(self, ids: Tensor) -> Tensor:
+        """``[B, L]``: the object $k_i$ whose table each token takes its row from (0 for ``objects = 1``)."""
+        if self.objects == 1:
+            return torch.zeros_like(ids, dtype=torch.long)
+        opened = torch.isin(ids.long(), self.start_ids.to(ids.device)).long().cumsum(1)
+        return (opened - 1).clamp(0, self.objects - 1)
 
 
 class TextConditioned(nn.Module):
@@ -170,17 +198,21 @@ class TextConditioned(nn.Module):
 
     - ``word_rows``: also add a {class}`WordRows` bag of the caption's words to the denoiser's time
       embedding (a {class}`~stepdiff.models.unet.UNet`: ``embedding=``). It is made last, so the
-      other weights are what the seed draws without it.
+      other weights are what the seed draws without it. ``word_row_objects`` and
+      ``object_start_ids`` are its ``objects`` and ``start_ids`` (a table of rows per named object).
 
     ``y``: ``[B, L]`` token rows, right-padded with ``pad_id``. Columns that are padding in every
     row are dropped before encoding (padding changes nothing, so this only saves work).
     """
 
     def __init__(self, denoiser: nn.Module, encoder: TextEncoder, pad_id: int, null_ids: Tensor, *,
-                 word_rows: bool = False) -> None:
+                 word_rows: bool = False, word_row_objects: int = 1, object_start_ids: Sequence[int] = ()) -> None:
         super().__init__()
         if not isinstance(word_rows, bool):
             raise ValueError(f"word_rows must be True or False; got {word_rows!r}")
+        if word_row_objects != 1 and not word_rows:
+            raise ValueError(f"word_row_objects = {word_row_objects!r} splits the word rows by object: it needs "
+                             f"word_rows=True")
         if word_rows and not isinstance(getattr(denoiser, "embed_dim", None), int):
             raise ValueError(f"word_rows adds to the denoiser's time embedding, which needs a UNet; got a "
                              f"{type(denoiser).__name__}")
@@ -198,7 +230,8 @@ class TextConditioned(nn.Module):
         encoder._check(null_ids[None])  # in range, right-padded, at least one real token
         self.denoiser, self.encoder, self.pad_id = denoiser, encoder, pad_id
         self.register_buffer("null_ids", null_ids.long().clone())
-        self.word_rows = WordRows(encoder.vocab_size, denoiser.embed_dim, pad_id) if word_rows else None
+        self.word_rows = WordRows(encoder.vocab_size, denoiser.embed_dim, pad_id, objects=word_row_objects,
+                                  start_ids=object_start_ids) if word_rows else None
 
     @property
     def null_class(self) -> int:

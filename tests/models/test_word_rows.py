@@ -170,3 +170,87 @@ def test_word_rows_configuration():
             config("model.text.word_rows=true", *bad)
     with pytest.raises(ConfigError, match="word_rows"):
         config("model.text.word_rows=2")
+
+
+A, AN = 4, 5  # the articles that open an object in these tests' token rows
+
+
+def object_rows_by_hand(ids, R, vocab, objects):
+    """sum_i R[k_i * V + id_i] in float64, with k_i counted by walking each row: the number of
+    articles seen so far, minus one, kept in 0..objects-1."""
+    out = []
+    for row in ids.tolist():
+        seen, total = 0, torch.zeros(R.shape[1], dtype=torch.float64)
+        for i in row:
+            seen += i in (A, AN)
+            if i != PAD:
+                total += R[min(max(seen - 1, 0), objects - 1) * vocab + i]
+        out.append(total)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("objects", [2, 3])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_object_rows_take_each_objects_words_from_its_own_table(objects, seed):
+    """With K tables, the k-th article's words use table k (a fourth object shares the last table),
+    checked against a walk over each row in float64, on random rows with random articles."""
+    torch.manual_seed(seed)
+    bag = WordRows(VOCAB, 19, PAD, objects=objects, start_ids=(A, AN))
+    assert bag.rows.weight.shape == (objects * VOCAB, 19)
+    ids = rows(7, 15, seed)
+    want = object_rows_by_hand(ids, bag.rows.weight.detach().double(), VOCAB, objects)
+    torch.testing.assert_close(bag(ids).double(), want, rtol=1e-6, atol=1e-6)
+    assert int((ids == A).sum() + (ids == AN).sum()) > 0  # the draw holds articles, so tables are chosen
+
+
+def test_object_rows_keep_who_has_which_colour():
+    """A plain bag gives "a red circle left of a blue square" and "a blue circle left of a red
+    square" the same vector; rows per object tell them apart, and one object's words alone agree."""
+    from stepdiff.text import Tokenizer
+
+    tok = Tokenizer()
+    ids = tok.encode(["a red circle left of a blue square", "a blue circle left of a red square",
+                      "a red circle at the top left"])
+    torch.manual_seed(0)
+    plain = WordRows(tok.vocab_size, 32, tok.pad_id)
+    torch.manual_seed(0)
+    split = WordRows(tok.vocab_size, 32, tok.pad_id, objects=2, start_ids=tok.article_ids)
+    p, s = plain(ids), split(ids)
+    torch.testing.assert_close(p[0], p[1])
+    assert float((s[0] - s[1]).detach().norm()) > 1.0
+    # The first table is the plain bag's draw, so a one-object caption gets the same vector.
+    torch.testing.assert_close(s[2], p[2])
+    assert torch.equal(split.object_index(ids[:1])[0, :8], torch.tensor([0, 0, 0, 0, 0, 0, 1, 1]))
+
+
+def test_object_rows_errors_name_the_argument():
+    with pytest.raises(ValueError, match="start_ids"):
+        WordRows(VOCAB, 8, PAD, objects=2)
+    with pytest.raises(ValueError, match="start_ids"):
+        WordRows(VOCAB, 8, PAD, objects=2, start_ids=(PAD,))
+    with pytest.raises(ValueError, match="objects"):
+        WordRows(VOCAB, 8, PAD, objects=0, start_ids=(A,))
+    with pytest.raises(ValueError, match="word_row_objects .* needs word_rows=True"):
+        TextConditioned(text_unet(False).denoiser, TextEncoder(VOCAB, 16, 1, 2, 12, pad_id=PAD), PAD, NULL,
+                        word_row_objects=2, object_start_ids=(A,))
+
+
+def test_object_rows_configuration():
+    """``[model.text] word_row_objects = 2`` gives two tables opened by the tokenizer's articles;
+    without word_rows, or below 1, it is an error naming the key."""
+    from stepdiff.config import ConfigError, build_model, load_config, resolve, set_value
+    from stepdiff.text import Tokenizer
+
+    def config(*assignments):
+        raw = load_config("shapes-pixel-t2i")
+        for a in assignments:
+            raw = set_value(raw, a)
+        return resolve(raw)
+
+    tok = Tokenizer()
+    model = build_model(config("model.text.word_rows=true", "model.text.word_row_objects=2"))
+    assert model.word_rows.rows.weight.shape == (2 * tok.vocab_size, model.denoiser.embed_dim)
+    assert model.word_rows.start_ids.tolist() == [tok.ids["a"], tok.ids["an"]]
+    for bad in (("model.text.word_row_objects=2",), ("model.text.word_rows=true", "model.text.word_row_objects=0")):
+        with pytest.raises(ConfigError, match=r"\[model.text\] word_row_objects"):
+            config(*bad)
