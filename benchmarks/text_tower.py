@@ -34,7 +34,12 @@ time embedding, as a class label's row is added (``--set model.text.word_rows=tr
 2000 (``--set train.steps=2000``, the cosine decay stretched to the new end; ``--set
 'name="shapes-t2i-word-rows-2000"'``, snapshots every 400 steps). And ``one-object-word-rows-2000``:
 the same 2000 steps with word rows on scenes of one object only (``--set 'data.n_objects=[1, 1]'``),
-whose one-object scenes are the test of the single-object target.
+whose one-object scenes are the test of the single-object target. And two with word rows kept apart
+per object (``--set model.text.word_row_objects=2``: the words of the caption's second object, from
+its article on, take rows from a second table, so the sum keeps which object is red), 2000 steps:
+``object-rows-2000`` on the committed recipe's scenes of one or two objects, and
+``two-object-object-rows-2000`` on two-object scenes only (``--set 'data.n_objects=[2, 2]'``), whose
+two-object scenes are the test of binding.
 
 Each snapshot's entry keeps its run's recorded ``stepdiff train`` command (``train_command``).
 
@@ -73,7 +78,9 @@ DEFAULT_OUT = ROOT / "stepdiff" / "results" / "text_tower.json"
 ARMS = {"tuned": "shapes-t2i-tuned", "scratch": "shapes-t2i-scratch", "attn16": "shapes-t2i-attn16",
         "pooled": "shapes-t2i-pooled", "word-rows": "shapes-t2i-word-rows",
         "word-rows-2000": "shapes-t2i-word-rows-2000",
-        "one-object-word-rows-2000": "shapes-t2i-one-object-word-rows-2000"}  # arm -> run name
+        "one-object-word-rows-2000": "shapes-t2i-one-object-word-rows-2000",
+        "object-rows-2000": "shapes-t2i-object-rows-2000",
+        "two-object-object-rows-2000": "shapes-t2i-two-object-object-rows-2000"}  # arm -> run name
 
 
 def _store(out: Path, settings: dict, reference: dict, arm: str, entry: dict, command: dict) -> None:
