@@ -1,20 +1,23 @@
-r"""Images as one picture: the grids the chapters draw and ``stepdiff sample`` writes.
+r"""Images as one picture, and numbers as one table: what the chapters show under their cells.
 
 - {func}`image_grid`: tile images ``[n, C, H, W]`` in $[-1, 1]$ into one canvas in $[0, 1]$.
 - {func}`show_grid`: draw that canvas on a matplotlib ``Axes``.
+- {func}`markdown_table`: rows of formatted cells as a Markdown table; {func}`table` shows one.
 
-matplotlib is not imported here: {func}`show_grid` only calls methods of the ``Axes`` it is
-given, so the package imports without it.
+matplotlib and IPython are not imported here: {func}`show_grid` only calls methods of the ``Axes``
+it is given, and {func}`table` imports IPython when it is called, so the package imports without
+either.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["image_grid", "show_grid"]
+__all__ = ["image_grid", "show_grid", "markdown_table", "table"]
 
 
 def image_grid(images: Tensor, nrow: int | None = None, pad: int = 1) -> Tensor:
@@ -69,3 +72,28 @@ def show_grid(images: Tensor, ax, nrow: int | None = None, title: str | None = N
     if title:
         ax.set_title(title, fontsize=9)
     return im
+
+
+def markdown_table(header: Sequence[object], rows: Sequence[Sequence[object]]) -> str:
+    """``header`` and ``rows`` (cells already formatted; each is shown as ``str(cell)``) as a
+    Markdown table. A ``|`` inside a cell is escaped, so it cannot split the cell; a row with more
+    or fewer cells than the header is an error naming it, never a table with shifted columns."""
+    header = list(header)
+    if not header:
+        raise ValueError("header must name at least one column")
+    rows = [list(row) for row in rows]
+    for i, row in enumerate(rows):
+        if len(row) != len(header):
+            raise ValueError(f"rows[{i}] has {len(row)} cells; the header has {len(header)} columns")
+
+    def line(cells: list) -> str:
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+    return "\n".join([line(header), "|" + " --- |" * len(header), *map(line, rows)])
+
+
+def table(header: Sequence[object], rows: Sequence[Sequence[object]]) -> None:
+    """Show {func}`markdown_table` of ``header`` and ``rows`` under a notebook cell."""
+    from IPython.display import Markdown, display
+
+    display(Markdown(markdown_table(header, rows)))

@@ -134,3 +134,26 @@ def test_the_package_does_not_import_matplotlib():
     code = "import sys, stepdiff.figures, stepdiff.runs; print('matplotlib' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_markdown_table_rows_escapes_and_errors():
+    from stepdiff.figures import markdown_table
+
+    got = markdown_table(["a", "b"], [[1, "x|y"], [2.5, "$|z|$"]])
+    assert got.splitlines() == ["| a | b |", "| --- | --- |", "| 1 | x\\|y |", "| 2.5 | $\\|z\\|$ |"]
+    assert markdown_table(("only",), []) == "| only |\n| --- |"
+    with pytest.raises(ValueError, match=r"rows\[1\] has 3 cells; the header has 2"):
+        markdown_table(["a", "b"], [[1, 2], [1, 2, 3]])
+    with pytest.raises(ValueError, match="header"):
+        markdown_table([], [])
+
+
+def test_table_shows_the_markdown(monkeypatch):
+    """table() hands markdown_table's text to IPython's display as Markdown."""
+    display = pytest.importorskip("IPython.display")
+    from stepdiff.figures import markdown_table, table
+
+    shown = []
+    monkeypatch.setattr(display, "display", shown.append)
+    table(["w", "FD"], [["1", "2.00"]])
+    assert len(shown) == 1 and shown[0].data == markdown_table(["w", "FD"], [["1", "2.00"]])
