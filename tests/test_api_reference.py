@@ -73,6 +73,8 @@ def test_the_reference_lists_every_module_once_kernels_last():
 
 #: Public objects with no formula to state (besides records: dataclasses and named tuples).
 NO_FORMULA = {
+    "stepdiff.figures.markdown_table": "text formatting",
+    "stepdiff.figures.table": "display",
     "stepdiff.train.save_checkpoint": "input/output",
     "stepdiff.train.load_checkpoint": "input/output",
     "stepdiff.train.derive_seed": "seeding",
