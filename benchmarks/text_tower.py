@@ -80,7 +80,8 @@ ARMS = {"tuned": "shapes-t2i-tuned", "scratch": "shapes-t2i-scratch", "attn16": 
         "word-rows-2000": "shapes-t2i-word-rows-2000",
         "one-object-word-rows-2000": "shapes-t2i-one-object-word-rows-2000",
         "object-rows-2000": "shapes-t2i-object-rows-2000",
-        "two-object-object-rows-2000": "shapes-t2i-two-object-object-rows-2000"}  # arm -> run name
+        "two-object-object-rows-2000": "shapes-t2i-two-object-object-rows-2000",
+        "word-rows-4000": "shapes-t2i-word-rows-4000"}  # arm -> run name
 
 
 def _store(out: Path, settings: dict, reference: dict, arm: str, entry: dict, command: dict) -> None:
