@@ -51,6 +51,8 @@ __all__ = [
     "attribute_accuracy",
     "ERROR_KINDS",
     "scene_errors",
+    "MULTI_OBJECT_KINDS",
+    "multi_object_share",
     "extract_features",
     "evaluate_samples",
 ]
@@ -560,6 +562,33 @@ def scene_errors(predicted: Tensor, asked: Tensor | Sequence, *, per_scene: bool
     if per_scene:
         report["per_scene"] = all_errors
     return report
+
+
+MULTI_OBJECT_KINDS = ("colour_leak", "wrong_relation")
+"""The error kinds only a scene of two or more asked objects can have: a colour leak needs a colour asked
+for another object, a relation needs two objects."""
+
+
+def multi_object_share(scenes: dict, kind: str) -> float:
+    r"""The fraction of the scenes of two or more asked objects that have an error of ``kind``.
+
+    ``scenes``: a {func}`scene_errors` report (or the same report read back from JSON, whose
+    ``by_n_objects`` keys are strings); ``kind``: one of {data}`MULTI_OBJECT_KINDS`. The report keeps
+    $s$, the fraction of all $N$ scenes with that error; since no one-object scene can have it,
+    the share among the $N_{\ge 2} = \sum_{k \ge 2} N_k$ larger scenes is $s N / N_{\ge 2}$.
+    """
+    if kind not in MULTI_OBJECT_KINDS:
+        raise ValueError(f"kind must be one of {MULTI_OBJECT_KINDS} (a one-object scene can have any other kind); "
+                         f"got {kind!r}")
+    try:
+        n, share, by_n = scenes["n_scenes"], scenes["scenes_with"][kind], scenes["by_n_objects"]
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"scenes must be a scene_errors report (n_scenes, scenes_with, by_n_objects); "
+                         f"missing {e}") from None
+    n_multi = sum(v["n"] for k, v in by_n.items() if int(k) >= 2)
+    if n_multi == 0:
+        raise ValueError(f"scenes has no scene of two or more objects (by_n_objects: {sorted(by_n)})")
+    return share * n / n_multi
 
 
 # --- features and the one-call report ---------------------------------------------------------

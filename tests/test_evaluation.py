@@ -336,3 +336,42 @@ def test_evaluate_samples_one_call_report():
     assert rep["scenes"] == scene_errors(reader.predict(scenes.images[:20]), scenes.targets[:20])
     assert rep["attributes"] == attribute_accuracy(reader.predict(scenes.images[:20]), scenes.targets[:20])
     assert rep["precision_recall"]["k"] == 2
+
+
+def test_multi_object_share_counts_among_the_larger_scenes():
+    """Against a count over the per-scene errors of the scenes with two or more asked objects, on
+    random readings of random one-to-three-object captions, before and after a round trip through JSON."""
+    import json
+
+    from stepdiff.evaluation import multi_object_share, scene_errors
+    from stepdiff.shapes import make_shapes, parse_caption
+
+    data = make_shapes(90, seed=5, masks=False, n_objects=(1, 3))
+    specs = [parse_caption(c) for c in data.captions]
+    g = torch.Generator().manual_seed(1)
+    readings = data.targets.clone()
+    for n in range(90):  # swap two objects' colours, or the two objects, in a third of the scenes each
+        cells = (readings[n, :, 0] > 0).nonzero().flatten()
+        if len(cells) < 2:
+            continue
+        i, j = cells[torch.randperm(len(cells), generator=g)[:2]].tolist()
+        k = n % 3
+        if k == 1:
+            readings[n, [i, j], 1] = readings[n, [j, i], 1]
+        elif k == 2:
+            readings[n, [i, j]] = readings[n, [j, i]]
+    rep = scene_errors(readings, specs, per_scene=True)
+    larger = [n for n in range(90) if len(specs[n].objects) >= 2]
+    assert 0 < len(larger) < 90
+    for kind in ("colour_leak", "wrong_relation"):
+        want = sum(kind in rep["per_scene"][n] for n in larger) / len(larger)
+        assert 0 < want < 1
+        assert multi_object_share(rep, kind) == pytest.approx(want, rel=1e-12)
+        assert multi_object_share(json.loads(json.dumps(rep)), kind) == pytest.approx(want, rel=1e-12)
+    with pytest.raises(ValueError, match="kind must be one of"):
+        multi_object_share(rep, "wrong_shape")
+    one = scene_errors(scene(RED_CIRCLE)[None], scene(RED_CIRCLE)[None])
+    with pytest.raises(ValueError, match="no scene of two or more objects"):
+        multi_object_share(one, "colour_leak")
+    with pytest.raises(ValueError, match="scenes must be a scene_errors report"):
+        multi_object_share({"n_scenes": 1}, "colour_leak")
