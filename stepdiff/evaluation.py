@@ -438,9 +438,10 @@ def _pair_errors(want: tuple, got: tuple, other_colours: set[int]) -> list[str]:
 
 def _read_scene(
     row: Tensor, asked: list[tuple], relations: list[tuple[int, str, int]], relation_of
-) -> tuple[list[str], list[list[str] | None]]:
-    """The errors of one scene under the reading that explains it with the fewest errors, and
-    each asked object's own errors under that reading (``None``: missing)."""
+) -> tuple[list[str], list[list[str] | None], list[tuple | None]]:
+    """The errors of one scene under the reading that explains it with the fewest errors, each
+    asked object's own errors under that reading (``None``: missing), and the predicted object
+    ``(shape, colour, size, cell)`` it was read as (``None``: missing)."""
     predicted = [(int(row[c, 0]), int(row[c, 1]), int(row[c, 2]), c) for c in range(9) if int(row[c, 0]) > 0]
     colours = [o[1] for o in asked]
     others = [
@@ -467,7 +468,8 @@ def _read_scene(
         if best is None or key < best[0]:
             best = (key, errors, choice)
     _, errors, choice = best
-    return errors, [pair[i][c] if c >= 0 else None for i, c in enumerate(choice)]
+    return (errors, [pair[i][c] if c >= 0 else None for i, c in enumerate(choice)],
+            [predicted[c] if c >= 0 else None for c in choice])
 
 
 _ATTRIBUTE_ERRORS = {"shape": ("wrong_shape",), "colour": ("wrong_colour", "colour_leak"), "size": ("wrong_size",)}
@@ -500,7 +502,11 @@ def scene_errors(predicted: Tensor, asked: Tensor | Sequence, *, per_scene: bool
     ``all_correct`` (the fraction of correct scenes), ``by_n_objects`` (``{k: {"n",
     "all_correct"}}`` by the number of asked objects), ``errors`` (count of each kind),
     ``scenes_with`` (fraction of scenes with at least one error of each kind), ``attribute_accuracy``
-    (per attribute, over the asked objects that state it: matched and right), and, when
+    (per attribute, over the asked objects that state it: matched and right), ``shape_swaps``
+    (the shape's binding error: of the ``wrong_shapes`` of objects asked beside an object of
+    another stated shape, how many are ``of_another_object``, and the ``expected_at_random``
+    count $\sum |S_{\text{other}}| / (|S| - 1)$ had each wrong shape been drawn uniformly from the
+    $|S| - 1$ shapes not asked), and, when
     ``per_scene``, ``per_scene`` (the list of each scene's error kinds).
     """
     p = _check_targets(predicted, "predicted")
@@ -532,8 +538,17 @@ def scene_errors(predicted: Tensor, asked: Tensor | Sequence, *, per_scene: bool
     attr_right = [0, 0, 0]
     attr_total = [0, 0, 0]
     all_errors = []
+    # wrong shapes that are the shape asked for another object of the scene (the shape's binding
+    # error), and how many of them a wrong shape drawn at random would give
+    swaps = {"wrong_shapes": 0, "of_another_object": 0, "expected_at_random": 0.0}
     for n, (objects, relations) in enumerate(specs):
-        errors, per_object = _read_scene(p[n], objects, relations, shapes.relation)
+        errors, per_object, read_as = _read_scene(p[n], objects, relations, shapes.relation)
+        for i, (o, own, got) in enumerate(zip(objects, per_object, read_as)):
+            others = {q[0] for j, q in enumerate(objects) if j != i and q[0] is not None and q[0] != o[0]}
+            if own is not None and "wrong_shape" in own and others:
+                swaps["wrong_shapes"] += 1
+                swaps["of_another_object"] += got[0] in others
+                swaps["expected_at_random"] += len(others) / (len(shapes.SHAPES) - 1)
         all_errors.append(errors)
         for kind in errors:
             counts[kind] += 1
@@ -555,6 +570,7 @@ def scene_errors(predicted: Tensor, asked: Tensor | Sequence, *, per_scene: bool
         "by_n_objects": {k: {"n": v[0], "all_correct": v[1] / v[0]} for k, v in sorted(by_n.items())},
         "errors": counts,
         "scenes_with": {k: v / N for k, v in scenes_with.items()},
+        "shape_swaps": swaps,
         "attribute_accuracy": {
             name: (attr_right[h] / attr_total[h] if attr_total[h] else None) for h, name in enumerate(_ATTRIBUTES)
         },

@@ -375,3 +375,23 @@ def test_multi_object_share_counts_among_the_larger_scenes():
         multi_object_share(one, "colour_leak")
     with pytest.raises(ValueError, match="scenes must be a scene_errors report"):
         multi_object_share({"n_scenes": 1}, "colour_leak")
+
+
+def test_shape_swaps_count_wrong_shapes_asked_for_the_other_object():
+    from stepdiff.evaluation import scene_errors
+    from stepdiff.shapes import SHAPES, parse_caption
+
+    pair = parse_caption("a red circle left of a blue square")
+    twins = parse_caption("a red circle left of a blue circle")
+    one = parse_caption("a red circle")
+    swapped = scene((3, "square", "red", "small"), (5, "circle", "blue", "small"))  # shapes bound the wrong way
+    other = scene((3, "star", "red", "small"), (5, "square", "blue", "small"))  # a shape nobody asked for
+    rep = scene_errors(torch.stack([swapped, other, other, scene((4, "star", "red", "small"))]),
+                       [pair, pair, twins, one], per_scene=True)
+    assert rep["per_scene"] == [["wrong_shape", "wrong_shape"], ["wrong_shape"], ["wrong_shape", "wrong_shape"],
+                                ["wrong_shape"]]
+    # the twins' and the lone circle's wrong shapes have no other asked shape to be: not counted
+    chance = 1 / (len(SHAPES) - 1)
+    assert rep["shape_swaps"]["wrong_shapes"] == 3 and rep["shape_swaps"]["of_another_object"] == 2
+    assert rep["shape_swaps"]["expected_at_random"] == pytest.approx(3 * chance)
+    assert rep["errors"]["wrong_shape"] == 6  # the breakdown leaves the error counts as they were
