@@ -130,9 +130,12 @@ _MODEL_DIFFUSION = {"arch": "unet", "preset": "tiny", "text": {}}
 # one_hot: no encoder, each token's context is its one-hot vector (needs depth = 0; dim is then the vocabulary size);
 # word_rows: also a free N(0, 1) row per word, summed over the caption, added to the UNet's time embedding;
 # word_row_objects: with word_rows, a separate table of rows for each of the caption's first k objects
-# (an object's words run from its "a"/"an" to the next one's), so the sum keeps which object has which word
+# (an object's words run from its "a"/"an" to the next one's), so the sum keeps which object has which word;
+# layout: also paint each located object's words into its cell of the 3x3 grid, a map added to the UNet's first
+# feature map (layout grounding, stepdiff.models.layout); prompts are then given every object a cell before
+# sampling (stepdiff.shapes.locate_caption)
 _TEXT = {"dim": 64, "depth": 2, "heads": 4, "clip": "", "tune": False, "one_hot": False, "word_rows": False,
-         "word_row_objects": 1}
+         "word_row_objects": 1, "layout": False}
 _MODEL_CLASSIFIER = {"arch": "digits-cnn", "width": None, "feature_dim": None, "hidden": None}
 _OBJECTIVE = {
     "schedule": "vp-cosine",
@@ -424,6 +427,11 @@ def _resolve_diffusion(cfg: dict) -> None:
     if model["text"]["word_rows"] and model["arch"] != "unet":
         raise ConfigError(f"[model.text] word_rows = true adds to a UNet's time embedding: it needs [model] arch = "
                           f"'unet', not {model['arch']!r}")
+    if model["text"]["layout"] and (data["condition"] != "text" or data["name"] != "shapes"
+                                    or model["arch"] != "unet"):
+        raise ConfigError("[model.text] layout = true paints the caption's objects into the shapes grid's cells for "
+                          "a UNet: it needs [data] name = 'shapes', condition = 'text' and [model] arch = 'unet'; got "
+                          f"{data['name']!r}, {data['condition']!r} and {model['arch']!r}")
     if model["text"]["tune"] and not model["text"]["clip"]:
         raise ConfigError("[model.text] tune = true fine-tunes a CLIP's text tower: it needs [model.text] clip "
                           "(a text encoder learned from scratch is always trained)")
@@ -823,7 +831,8 @@ def build_model(cfg: dict, *, seed: int | None = None) -> nn.Module:
             clip = load_part(cfg["model"]["text"]["clip"], "clip", "[model.text] clip")
             return latent_text_model(clip, config, freeze_encoder=not cfg["model"]["text"]["tune"],
                                      word_rows=cfg["model"]["text"]["word_rows"],
-                                     word_row_objects=cfg["model"]["text"]["word_row_objects"])
+                                     word_row_objects=cfg["model"]["text"]["word_row_objects"],
+                                     layout=cfg["model"]["text"]["layout"])
         net = (UNet if cfg["model"]["arch"] == "unet" else DiT)(config)
         if inpaint:
             from .editing import MaskedInputDenoiser
@@ -840,7 +849,8 @@ def build_model(cfg: dict, *, seed: int | None = None) -> nn.Module:
         except ValueError as err:
             raise ConfigError(f"[model.text]: {err}") from None
         return TextConditioned(net, encoder, tok.pad_id, tok.empty(1)[0], word_rows=text["word_rows"],
-                               word_row_objects=text["word_row_objects"], object_start_ids=tok.article_ids)
+                               word_row_objects=text["word_row_objects"], object_start_ids=tok.article_ids,
+                               layout=text["layout"], tokens=tok.tokens)
 
 
 def _text_dim(text: dict) -> int:

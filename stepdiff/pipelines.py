@@ -71,7 +71,7 @@ def freeze(module: nn.Module) -> nn.Module:
 
 def latent_text_model(text_encoder: TextEncoder | CLIP, config: UNetConfig, *,
                       tokenizer: Tokenizer | None = None, freeze_encoder: bool = True,
-                      word_rows: bool = False, word_row_objects: int = 1) -> TextConditioned:
+                      word_rows: bool = False, word_row_objects: int = 1, layout: bool = False) -> TextConditioned:
     r"""A text-conditioned {class}`~stepdiff.models.unet.UNet` whose context is the (frozen) text encoder's
     per-token output: ``model(z, t, y=token_ids)`` $= f_\theta\big(z_t, t, E(c)\big)$ with the encoder
     $E$ fixed.
@@ -87,6 +87,8 @@ def latent_text_model(text_encoder: TextEncoder | CLIP, config: UNetConfig, *,
     ``word_rows``: also a trained {class}`~stepdiff.models.text.WordRows` bag of words in the time
     embedding, beside the frozen encoder's tokens; with ``word_row_objects`` $= K > 1$, a table of
     rows for each of the caption's first $K$ objects, each object opened by its article ("a"/"an").
+    ``layout``: also a trained {class}`~stepdiff.models.layout.LayoutRows` map of the caption's located
+    objects, added to the UNet's first feature map (layout grounding).
     """
     encoder = text_encoder.text_encoder if isinstance(text_encoder, CLIP) else text_encoder
     if not isinstance(encoder, TextEncoder):
@@ -103,7 +105,8 @@ def latent_text_model(text_encoder: TextEncoder | CLIP, config: UNetConfig, *,
     else:
         encoder.requires_grad_(True)
     return TextConditioned(unet, encoder, tokenizer.pad_id, tokenizer.empty(1)[0], word_rows=word_rows,
-                           word_row_objects=word_row_objects, object_start_ids=tokenizer.article_ids)
+                           word_row_objects=word_row_objects, object_start_ids=tokenizer.article_ids,
+                           layout=layout, tokens=tokenizer.tokens)
 
 
 @torch.no_grad()

@@ -109,6 +109,7 @@ __all__ = [
     "caption",
     "parse_caption",
     "scene_from_caption",
+    "locate_caption",
     "scene_targets",
     "class_label",
     "count_combinations",
@@ -1097,6 +1098,30 @@ def scene_from_caption(text: str, seed: int = 0, index: int = 0) -> Scene:
         {"shape": a.shape, "size": a.size, "cell": a.cell}, {"dx": a.dx, "dy": a.dy, "scale": a.scale}, present
     )
     return a.scene(0)
+
+
+def locate_caption(text: str, seed: int = 0, index: int = 0) -> str:
+    r"""The caption with a cell given to every object: a layout planner for layout-grounded models
+    ({mod}`stepdiff.models.layout`), as LLM-grounded diffusion has a language model draw the boxes.
+
+    The cells are those {func}`scene_from_caption` gives for the same ``(seed, index)``: the
+    caption's own locations kept, and the objects it leaves unplaced put, uniformly among the
+    assignments that satisfy its relations, into distinct cells. The result is a positional caption
+    ({func}`caption`) naming exactly the sizes and colours the caption names, so
+    ``parse_caption(locate_caption(c))`` asks what ``c`` asks, and places everything; its cells
+    satisfy ``c``'s relations. A contradiction (no such cells) is an error naming the caption."""
+    spec = parse_caption(text)
+    seed = _check_seed(seed)
+    index = _check_count("index", index, 0)
+    try:
+        cells = _spec_cells(spec, float(_uniform(_keys(seed, np.array([index])), _S_SPEC_CELLS)[0]))
+    except ValueError as err:
+        raise ValueError(f"caption {text!r}: {err}") from None
+    phrases = []
+    for o, cell in zip(spec.objects, cells):
+        words = [w for w in (o.size, o.colour, o.shape) if w is not None]
+        phrases.append(f"{_article(words[0])} {' '.join(words)} {_location(cell)}")
+    return _join(phrases)
 
 
 # --- datasets ---------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from .autoencoder import AE_PRESETS, Autoencoder, AutoencoderConfig, psnr
 from .clip import CLIP, CLIPConfig, clip_score, contrastive_loss, retrieval_accuracy
 from .controlnet import ControlNet, ControlNetConfig
 from .dit import DIT_PRESETS, DiT, DiTConfig
+from .layout import LayoutRows
 from .mlp import MLP, MLPConfig
 from .text import TextConditioned, TextEncoder, WordRows
 from .unet import UNET_PRESETS, UNet, UNetConfig
@@ -24,6 +25,7 @@ __all__ = [
     "TextEncoder",
     "TextConditioned",
     "WordRows",
+    "LayoutRows",
     "CLIP",
     "CLIPConfig",
     "contrastive_loss",

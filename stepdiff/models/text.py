@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import Attention
+from .layout import LayoutRows
 
 __all__ = ["TextBlock", "TextEncoder", "TextConditioned"]
 
@@ -200,16 +201,27 @@ class TextConditioned(nn.Module):
       embedding (a {class}`~stepdiff.models.unet.UNet`: ``embedding=``). It is made last, so the
       other weights are what the seed draws without it. ``word_row_objects`` and
       ``object_start_ids`` are its ``objects`` and ``start_ids`` (a table of rows per named object).
+    - ``layout``: also add a {class}`~stepdiff.models.layout.LayoutRows` map of the caption's located
+      objects to the UNet's first feature map (``spatial=``); ``tokens`` is then the tokenizer's
+      vocabulary in id order. Made after the word rows, so the other weights are unchanged.
 
     ``y``: ``[B, L]`` token rows, right-padded with ``pad_id``. Columns that are padding in every
     row are dropped before encoding (padding changes nothing, so this only saves work).
     """
 
     def __init__(self, denoiser: nn.Module, encoder: TextEncoder, pad_id: int, null_ids: Tensor, *,
-                 word_rows: bool = False, word_row_objects: int = 1, object_start_ids: Sequence[int] = ()) -> None:
+                 word_rows: bool = False, word_row_objects: int = 1, object_start_ids: Sequence[int] = (),
+                 layout: bool = False, tokens: Sequence[str] = ()) -> None:
         super().__init__()
-        if not isinstance(word_rows, bool):
-            raise ValueError(f"word_rows must be True or False; got {word_rows!r}")
+        for name, value in (("word_rows", word_rows), ("layout", layout)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be True or False; got {value!r}")
+        if layout and not isinstance(getattr(getattr(denoiser, "config", None), "channels", None), int):
+            raise ValueError(f"layout adds a map to the denoiser's first feature map, which needs a UNet; got a "
+                             f"{type(denoiser).__name__}")
+        if layout and len(tokens) != encoder.vocab_size:
+            raise ValueError(f"layout needs tokens, the vocabulary in id order ({encoder.vocab_size} words); got "
+                             f"{len(tokens)}")
         if word_row_objects != 1 and not word_rows:
             raise ValueError(f"word_row_objects = {word_row_objects!r} splits the word rows by object: it needs "
                              f"word_rows=True")
@@ -232,6 +244,7 @@ class TextConditioned(nn.Module):
         self.register_buffer("null_ids", null_ids.long().clone())
         self.word_rows = WordRows(encoder.vocab_size, denoiser.embed_dim, pad_id, objects=word_row_objects,
                                   start_ids=object_start_ids) if word_rows else None
+        self.layout = LayoutRows(tokens, denoiser.config.channels, pad_id) if layout else None
 
     @property
     def null_class(self) -> int:
@@ -268,9 +281,12 @@ class TextConditioned(nn.Module):
             raise ValueError(f"x must be a batch tensor [B, ...]; got {type(x).__name__}")
         ids = self.captions(y, x.shape[0], x.device)
         context, context_mask = self.encoder(ids)
-        if self.word_rows is None:
-            return self.denoiser(x, t, context=context, context_mask=context_mask)
-        return self.denoiser(x, t, context=context, context_mask=context_mask, embedding=self.word_rows(ids))
+        extra = {}
+        if self.word_rows is not None:
+            extra["embedding"] = self.word_rows(ids)
+        if self.layout is not None:
+            extra["spatial"] = self.layout(ids, x.shape[-2], x.shape[-1])
+        return self.denoiser(x, t, context=context, context_mask=context_mask, **extra)
 
     def num_parameters(self) -> int:
         """The number of trainable parameters (encoder and denoiser)."""

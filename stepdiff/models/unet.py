@@ -263,7 +263,9 @@ class UNet(nn.Module):
     $0..$ ``n_classes`` (``None``: the null class); ``context`` ``[B, L, context_dim]`` and
     ``context_mask`` ``[B, L]`` (bool, padding on the right) when ``context_dim > 0``; ``embedding``
     ``[B, embed_dim]`` (optional) is added to the time embedding as a class embedding is (a
-    {class}`~stepdiff.models.text.WordRows` bag of words). Returns a tensor shaped like ``x``:
+    {class}`~stepdiff.models.text.WordRows` bag of words); ``spatial`` ``[B, channels, H, W]``
+    (optional) is added to the input convolution's output, a per-pixel condition (a
+    {class}`~stepdiff.models.layout.LayoutRows` map). Returns a tensor shaped like ``x``:
     exactly zero at initialisation (zero output convolution).
     """
 
@@ -339,7 +341,7 @@ class UNet(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor | float, y: Tensor | None = None,
                 context: Tensor | None = None, context_mask: Tensor | None = None, *,
-                embedding: Tensor | None = None) -> Tensor:
+                embedding: Tensor | None = None, spatial: Tensor | None = None) -> Tensor:
         self._check_image(x)
         B = x.shape[0]
         emb = self.time_embed(batch_time(t, B, x.device))
@@ -359,6 +361,14 @@ class UNet(nn.Module):
             emb = emb + self.pooled(context, context_mask).to(emb.dtype)
         backend = self.config.norm_backend
         h = self.conv_in(x.contiguous(memory_format=torch.channels_last) if self.channels_last else x)
+        if spatial is not None:
+            want = (B, self.config.channels, *x.shape[-2:])
+            if not isinstance(spatial, Tensor) or tuple(spatial.shape) != want or not spatial.is_floating_point():
+                desc = f"{spatial.dtype} {tuple(spatial.shape)}" if isinstance(spatial, Tensor) \
+                    else type(spatial).__name__
+                raise ValueError(f"spatial must be a float tensor {list(want)} (the batch, the UNet's base width "
+                                 f"channels, the image's height and width); got {desc}")
+            h = h + spatial.to(h.dtype)
         hs = [h]
         for stage in self.down:
             h = stage(h, emb, context, context_mask)
