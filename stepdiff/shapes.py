@@ -1104,9 +1104,10 @@ def locate_caption(text: str, seed: int = 0, index: int = 0) -> str:
     r"""The caption with a cell given to every object: a layout planner for layout-grounded models
     ({mod}`stepdiff.models.layout`), as LLM-grounded diffusion has a language model draw the boxes.
 
-    The cells are those {func}`scene_from_caption` gives for the same ``(seed, index)``: the
-    caption's own locations kept, and the objects it leaves unplaced put, uniformly among the
-    assignments that satisfy its relations, into distinct cells. The result is a positional caption
+    The cells are those {func}`scene_from_caption` gives for the same ``(seed, index)``: of the $F$
+    assignments of distinct cells that keep the caption's own locations and satisfy its relations,
+    the one at $\min(\lfloor uF \rfloor, F - 1)$, $u \in [0, 1)$ drawn from ``(seed, index)`` (uniform
+    over the assignments). The result is a positional caption
     ({func}`caption`) naming exactly the sizes and colours the caption names, so
     ``parse_caption(locate_caption(c))`` asks what ``c`` asks, and places everything; its cells
     satisfy ``c``'s relations. A contradiction (no such cells) is an error naming the caption."""

@@ -297,6 +297,9 @@ def controlnet_for(base: nn.Module, config: ControlNetConfig | None = None, **kw
         if base.word_rows is not None:
             raise ValueError("a ControlNet on a text model with word_rows is not supported: its blocks read the "
                              "time embedding without the word rows")
+        if getattr(base, "layout", None) is not None:
+            raise ValueError("a ControlNet on a text model with a layout map is not supported: its blocks read the "
+                             "first feature map without the layout")
         if not isinstance(base.denoiser, UNet):
             raise TypeError(f"a ControlNet needs a UNet; the text model's denoiser is a {type(base.denoiser).__name__}")
         return TextControlNet(base, config, **kwargs)
