@@ -234,3 +234,18 @@ def test_errors_name_layout():
     for bad in (('model.arch="dit"', 'model.text.clip=""'), ('data.condition="class"', 'model.text.clip=""')):
         with pytest.raises(ConfigError, match=r"\[model.text\] layout"):
             config("model.text.layout=true", *bad)
+
+
+def test_pipeline_plans_each_image_of_a_layout_model():
+    """TextToImage gives a layout model each image's planned caption (seed, image index), and a plain
+    model its prompts as written."""
+    from stepdiff.pipelines import TextToImage
+
+    prompts = ["a blue square left of a green triangle", "a ring above a star"]
+    for layout in (True, False):
+        model, seen = layout_model(layout), []
+        model.encoder.register_forward_hook(lambda m, i, out, seen=seen: seen.append(i[0].clone()))
+        TextToImage(model, image_size=16)(prompts, num_images_per_prompt=2, guidance_scale=1.0, steps=1, seed=4)
+        each = [p for p in prompts for _ in range(2)]
+        want = [locate_caption(p, 4, j) for j, p in enumerate(each)] if layout else each
+        assert [parse_caption(r) for r in TOK.decode(seen[0])] == [parse_caption(w) for w in want]
