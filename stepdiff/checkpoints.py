@@ -158,14 +158,23 @@ def record_of(state: dict) -> dict:
 
 def frozen_base_prefixes(model: nn.Module) -> tuple[str, ...]:
     """The state-dict prefixes of a model's frozen base, for a model built on a committed one (a
-    ControlNet: ``base.``; on a text model: ``text.`` and ``controlnet.base.``); ``()`` otherwise."""
+    ControlNet: ``base.``; on a text model: ``text.`` and ``controlnet.base.``; a text model whose
+    encoder is a committed CLIP's frozen text tower: ``encoder.``); ``()`` otherwise."""
     from .models.controlnet import ControlNet, TextControlNet
+    from .models.text import TextConditioned
 
     if isinstance(model, TextControlNet):
         return ("text.", "controlnet.base.")
     if isinstance(model, ControlNet):
         return ("base.",)
+    if isinstance(model, TextConditioned) and getattr(model, "frozen_encoder_source", None):
+        return ("encoder.",)
     return ()
+
+
+def _base_name(config: dict) -> str:
+    """The committed model a frozen base comes from: an adapter's base, or a text model's CLIP."""
+    return config["base"]["model"] if "base" in config else config["model"]["text"]["clip"]
 
 
 def tensors_sha256(tensors: dict) -> str:
@@ -198,12 +207,12 @@ def _rebuild(record: dict, weights: dict, where: str) -> nn.Module:
         prefixes = frozen_base_prefixes(model)
         dtype = EXPORT_DTYPES[record["weights"]["dtype"]]
         if not prefixes or _base_digest(model.state_dict(), prefixes, dtype) != base_sha:
-            raise ValueError(f"{where} holds a {config['kind']} adapter trained on {config['base']['model']!r}, but "
-                             f"that base as found now is not the one it was trained with (weights digest differs)")
+            raise ValueError(f"{where} holds a {config['kind']} model trained on the frozen {_base_name(config)!r}, "
+                             f"but that base as found now is not the one it was trained with (weights digest differs)")
         missing, unexpected = model.load_state_dict(weights, strict=False)
         stray = [k for k in missing if not k.startswith(prefixes)] + list(unexpected)
         if stray:
-            raise ValueError(f"the weights in {where} do not match the adapter of its record: {stray[:5]}")
+            raise ValueError(f"the weights in {where} do not match the model of its record: {stray[:5]}")
     else:
         try:
             model.load_state_dict(weights)
@@ -404,7 +413,7 @@ def export(checkpoint: str | Path, directory: str | Path, name: str | None = Non
         raw = {k: v for k, v in state["model"].items() if k.startswith(prefixes)}
         changed = [k for k, v in raw.items() if tensors_sha256({k: v}) != tensors_sha256({k: committed[k].to(v.dtype)})]
         if changed or set(raw) != {k for k in committed if k.startswith(prefixes)}:
-            base_name = record["config"]["base"]["model"]
+            base_name = _base_name(record["config"])
             raise ValueError(f"{checkpoint}: the frozen base differs from the committed {base_name!r} "
                              f"in {len(changed)} tensors ({changed[:3]}); not exported")
         base_sha = _base_digest(committed, prefixes, target)

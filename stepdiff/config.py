@@ -829,10 +829,15 @@ def build_model(cfg: dict, *, seed: int | None = None) -> nn.Module:
             from .pipelines import latent_text_model
 
             clip = load_part(cfg["model"]["text"]["clip"], "clip", "[model.text] clip")
-            return latent_text_model(clip, config, freeze_encoder=not cfg["model"]["text"]["tune"],
-                                     word_rows=cfg["model"]["text"]["word_rows"],
-                                     word_row_objects=cfg["model"]["text"]["word_row_objects"],
-                                     layout=cfg["model"]["text"]["layout"])
+            model = latent_text_model(clip, config, freeze_encoder=not cfg["model"]["text"]["tune"],
+                                      word_rows=cfg["model"]["text"]["word_rows"],
+                                      word_row_objects=cfg["model"]["text"]["word_row_objects"],
+                                      layout=cfg["model"]["text"]["layout"])
+            if not cfg["model"]["text"]["tune"]:
+                # The frozen tower is the committed CLIP's, bit for bit: an export need not store it again
+                # (stepdiff.checkpoints.frozen_base_prefixes), loading takes it from the CLIP.
+                model.frozen_encoder_source = cfg["model"]["text"]["clip"]
+            return model
         net = (UNet if cfg["model"]["arch"] == "unet" else DiT)(config)
         if inpaint:
             from .editing import MaskedInputDenoiser
