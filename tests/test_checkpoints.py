@@ -244,3 +244,29 @@ def test_export_keeps_no_folder_of_the_training_machine_in_the_command(run, tmp_
     command = json.loads(record_path.read_text())["command"]
     assert command == ["train", "--config", "digits-unet", "--out", "tiny.pt", "--set", "train.steps=3"]
     assert str(tmp_path) not in record_path.read_text()
+
+
+def test_export_of_a_frozen_clip_text_model_leaves_the_tower_to_the_committed_clip(tmp_path):
+    """A text model on shapes-clip's frozen tower exports only what it trained (no ``encoder.``
+    tensors) and records the tower's digest; loading takes the tower from the committed CLIP and
+    gives the EMA weights in float16 exactly; a record whose digest names another tower is refused.
+    A tower trained on with the model (tune) is stored."""
+    text = ["data.name=shapes", "data.size=16", "data.condition=text", "data.n=64", "data.n_held_out=16",
+            "model.text.clip=shapes-clip", "train.batch_size=8", "train.steps=2", "train.label_dropout=0.1", *TINY]
+    for tune in (False, True):
+        path = tmp_path / f"t{tune}.pt"
+        train_run(None, path, overrides=[*text, f"model.text.tune={str(tune).lower()}"], argv=["train"])
+        weights, record_path = ckpt.export(path, tmp_path / "w", f"text-{tune}")
+        stored = torch.load(weights, weights_only=True)
+        assert any(k.startswith("encoder.") for k in stored) == tune
+        model, record = ckpt.load(weights)
+        ema = ckpt.read_checkpoint(path)["ema"]["model"]
+        assert model.state_dict().keys() == ema.keys()
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, ema[k].half().float() if v.is_floating_point() else ema[k]), k
+        assert ("base_sha256" in record["weights"]) == (not tune)
+    record = json.loads(record_path.with_name("text-False.json").read_text())
+    record["weights"]["base_sha256"] = "0" * 64
+    record_path.with_name("text-False.json").write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="trained on the frozen 'shapes-clip'.*digest differs"):
+        ckpt.load(record_path.with_name("text-False.json"))
