@@ -236,7 +236,7 @@ class TextToImage:
         - ``return_latents``: also return the final latents (``(images, latents)``).
 
         For a layout-grounded model (``model.layout``, {mod}`stepdiff.models.layout`) image $j$'s
-        prompt is first given a cell for every object by {func}`stepdiff.shapes.locate_caption` from
+        prompt is first given a cell for every object by {func}`stepdiff.shapes.locate_captions` from
         ``(seed, j)`` (seed 0 when only a generator is given).
         """
         if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not guidance_scale >= 0:
@@ -246,13 +246,16 @@ class TextToImage:
         _positive_int("steps", steps)
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
-        ids = self.encode_prompts(prompts, unknown=unknown).repeat_interleave(n, dim=0)
-        if getattr(self.model, "layout", None) is not None:
-            # A layout-grounded model reads each object's place from the caption: plan each image's.
-            from .shapes import locate_caption
+        if getattr(self.model, "layout", None) is None:
+            ids = self.encode_prompts(prompts, unknown=unknown).repeat_interleave(n, dim=0)
+        else:
+            # A layout-grounded model reads each object's place from the caption: check the prompts
+            # as written (so an error names the user's words), then plan each image's.
+            from .shapes import locate_captions
 
+            self.encode_prompts(prompts, unknown=unknown)
             each = [p for p in ([prompts] if isinstance(prompts, str) else prompts) for _ in range(n)]
-            ids = self.encode_prompts([locate_caption(p, 0 if seed is None else seed, i) for i, p in enumerate(each)])
+            ids = self.encode_prompts(locate_captions(each, 0 if seed is None else seed))
         device = next(self.model.parameters()).device if isinstance(self.model, nn.Module) else torch.device("cpu")
         if generator is None:
             generator = torch.Generator(device=device)

@@ -402,7 +402,7 @@ def sample_images(
 
     The conditions: class ids ``labels`` ``[n]`` for a class-conditional model, or ``prompts`` (``n``
     strings, tokenized with {class}`stepdiff.text.Tokenizer`; for a layout-grounded model each prompt is
-    first given every object a cell by {func}`stepdiff.shapes.locate_caption` from ``(seed, i)``) for a
+    first given every object a cell by {func}`stepdiff.shapes.locate_captions` from ``(seed, i)``) for a
     text-conditioned one; without
     them a conditional model samples unconditionally (its null condition). ``guidance`` $w \ge 0$,
     ``rescale`` and ``interval`` go to {class}`stepdiff.guidance.ClassifierFreeGuidance`. The sampler,
@@ -446,9 +446,9 @@ def sample_images(
         if getattr(model, "layout", None) is not None:
             # A layout-grounded model reads each object's place from the caption: plan the places
             # the prompt leaves open (seeded, one draw per image) before tokenizing.
-            from .shapes import locate_caption
+            from .shapes import locate_captions
 
-            prompts = [locate_caption(p, seed, i) for i, p in enumerate(prompts)]
+            prompts = locate_captions(prompts, seed)
         cond = Tokenizer().encode(list(prompts))
     if guidance != 1.0 and cond is None:
         raise ValueError(

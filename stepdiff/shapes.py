@@ -110,6 +110,7 @@ __all__ = [
     "parse_caption",
     "scene_from_caption",
     "locate_caption",
+    "locate_captions",
     "scene_targets",
     "class_label",
     "count_combinations",
@@ -1123,6 +1124,15 @@ def locate_caption(text: str, seed: int = 0, index: int = 0) -> str:
         words = [w for w in (o.size, o.colour, o.shape) if w is not None]
         phrases.append(f"{_article(words[0])} {' '.join(words)} {_location(cell)}")
     return _join(phrases)
+
+
+def locate_captions(texts: Sequence[str], seed: int = 0) -> list[str]:
+    r"""Every caption of ``texts`` planned by {func}`locate_caption`, caption $i$ from ``(seed, i)``:
+    the prompts a layout-grounded model is given for a batch of images (one plan per image, so two
+    images of the same prompt may place its objects differently)."""
+    if isinstance(texts, str) or not isinstance(texts, Sequence):
+        raise TypeError(f"texts must be a list of captions; got {type(texts).__name__} {texts!r}")
+    return [locate_caption(text, seed, i) for i, text in enumerate(texts)]
 
 
 # --- datasets ---------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Tests for layout grounding: each located object's attribute words painted into its cell of the 3x3
 grid (stepdiff.models.layout.LayoutRows), added to a UNet's first feature map (UNet(spatial=),
 TextConditioned(layout=True), [model.text] layout), and the planner that gives every object of a
-prompt a cell (stepdiff.shapes.locate_caption, used by stepdiff.runs.sample_images). Checked against
+prompt a cell (stepdiff.shapes.locate_caption(s), used by stepdiff.runs.sample_images and TextToImage). Checked against
 the captions' own parse, a map built pixel by pixel in float64 at odd sizes, the relations the
 planner must keep, and errors that name the argument."""
 
@@ -21,12 +21,15 @@ from stepdiff.shapes import (
     SHAPES,
     SIZES,
     locate_caption,
+    locate_captions,
     make_shapes,
     parse_caption,
     relation,
     scene_from_caption,
 )
 from stepdiff.text import Tokenizer
+
+from .test_word_rows import wake
 
 TOK = Tokenizer()
 
@@ -115,6 +118,17 @@ def test_planner_places_every_object_and_keeps_what_was_asked(seed):
     assert len(placed) >= 4  # the free places are drawn, not fixed
 
 
+@pytest.mark.parametrize("seed", [0, 7])
+def test_planning_a_batch_plans_caption_i_from_seed_and_i(seed):
+    """locate_captions(texts, seed)[i] == locate_caption(texts[i], seed, i): two images of one prompt
+    get their own plans; a bare string is refused rather than planned letter by letter."""
+    texts = [*captions(9, seed, "mixed"), "a circle left of a square", "a circle left of a square"]
+    planned = locate_captions(texts, seed)
+    assert planned == [locate_caption(text, seed, i) for i, text in enumerate(texts)]
+    with pytest.raises(TypeError, match="texts must be a list"):
+        locate_captions("a red circle", seed)
+
+
 def test_planner_errors_name_the_caption():
     with pytest.raises(ValueError, match="'a circle on the right left of a square on the left'.*contradict"):
         locate_caption("a circle on the right left of a square on the left")
@@ -131,14 +145,6 @@ def layout_model(layout=True, seed=0):
     torch.manual_seed(seed)
     encoder = TextEncoder(TOK.vocab_size, 16, 1, 2, TOK.max_len, pad_id=TOK.pad_id)
     return TextConditioned(small_unet(), encoder, TOK.pad_id, TOK.empty(1)[0], layout=layout, tokens=TOK.tokens)
-
-
-def wake(module, std=0.1):
-    with torch.no_grad():
-        for p in module.parameters():
-            if not p.any():
-                p.normal_(0, std)
-    return module
 
 
 def test_unet_adds_the_map_to_its_first_feature_map():
