@@ -188,7 +188,7 @@ def _bound_text(kind: str, b: Any, atol: float, rtol: float) -> str:
         return f"in [{_fmt(b[0])}, {_fmt(b[1])}]"
     if kind == "close_to":
         arr = np.asarray(b, dtype=np.float64)
-        target = _fmt(float(arr)) if arr.size == 1 else "the reference"
+        target = _fmt(arr.item()) if arr.size == 1 else "the reference"
         parts = [f"≈ {target}"]
         if atol:
             parts.append(f"± {_fmt(atol)}")
@@ -252,7 +252,7 @@ def record(
     if not statement or not isinstance(statement, str):
         raise ValueError("ledger.record: `statement` must be a non-empty string")
     arr = _as_array(value)
-    shown = value if arr is None or arr.size != 1 else float(arr)
+    shown = value if arr is None or arr.size != 1 else arr.item()
     row = Row(statement, label, _value_text(value, shown), "", "measured", _number(shown), unit, dict(data or {}))
     _emit(row)
     return value
@@ -277,7 +277,7 @@ def _value_text(value: Any, shown: Any) -> str:
     if arr is not None and arr.size > 1:
         return f"{_fmt(shown)} (worst of {arr.size})"
     if arr is not None and arr.size == 1:
-        return _fmt(float(arr))
+        return _fmt(arr.item())  # .item(), not float(): NumPy refuses float() on a 1-D array of one
     return _fmt(value)
 
 
@@ -285,7 +285,7 @@ def _number(x: Any) -> float | None:
     arr = _as_array(x)
     if arr is None or arr.size != 1:
         return None
-    return float(arr)
+    return arr.item()
 
 
 _MARK = {"passed": "✓", "failed": "✗", "measured": "·", "stated": "○"}

@@ -99,6 +99,18 @@ def test_bad_arguments_name_the_argument():
         ledger.stated("", "something")
 
 
+def test_a_one_element_list_or_array_is_shown_as_its_number():
+    rng = np.random.default_rng(3)
+    x = float(rng.uniform(1, 9))
+    for value in ([x], np.array([x]), torch.tensor([[x]], dtype=torch.float64)):
+        ledger.check("one element", value, equals=[x] if isinstance(value, list) else value)
+        row = ledger.rows()[-1]
+        assert (row.result, row.number) == ("passed", pytest.approx(x))
+        assert row.value == ledger._fmt(x)  # the number, not "[x]" or "worst of 1"
+    with pytest.raises(ledger.CheckFailed):
+        ledger.check("one element", [x], equals=[x + 1])
+
+
 def test_record_and_stated_rows():
     ledger.record("the measured slope", torch.tensor(1.234567))
     ledger.stated("Definition 1", "a reverse sampler maps p_t to p_{t-1}", why="a definition")
